@@ -1,0 +1,43 @@
+"""The ``nerve`` command line: parses options and calls the library.
+
+No numerics live here. Results go to stdout; progress and diagnostics go to
+stderr through ``logging`` and progress bars.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from nerve_cli import __version__
+from nerve_cli.errors import NerveError
+from nerve_cli.store import ResultDirectoryError
+
+
+def configure_logging(verbosity: int) -> None:
+    """Send library logs to stderr at a level set by -v/-q."""
+    level = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
+    logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="nerve")
+@click.option("-v", "--verbose", count=True, help="More log output (repeat for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr.")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.pass_context
+def main(ctx: click.Context, verbose: int, quiet: bool, debug: bool) -> None:
+    """nerve: eigenspectrum diagnostics of FFN layers across training checkpoints (NerVE)."""
+    configure_logging(-1 if quiet else verbose)
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+def raise_as_usage_error(error: Exception) -> None:
+    """Turn a library input error into a one-line exit-2 error."""
+    raise NerveError(str(error)) from error
+
+
+__all__ = ["main", "ResultDirectoryError", "raise_as_usage_error"]

@@ -1,0 +1,238 @@
+"""The result directory written by ``nerve analyze`` and read by compare and report.
+
+Layout of a result directory ``OUT``::
+
+    OUT/run.json      run metadata and one status entry per checkpoint
+    OUT/metrics/      Parquet dataset, one file per checkpoint: step-<step>.parquet
+    OUT/spectra/      Parquet dataset, one file per checkpoint: step-<step>.parquet
+
+Every file is written under a temporary name in the same directory and renamed
+into place, so readers never see a partial file and an interrupted run leaves
+only temporary files, which the next run removes. ``run.json`` is updated under
+an exclusive lock so that several processes can share one result directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+logger = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+METRICS_DIR = "metrics"
+SPECTRA_DIR = "spectra"
+TEMP_PREFIX = ".tmp-"
+
+METRIC_COLUMNS = [
+    "se_pre",
+    "se_post",
+    "pr_pre",
+    "pr_post",
+    "eee_pre",
+    "eee_post",
+    "js",
+    "pr_gain",
+    "eee_delta",
+    "se_delta",
+]
+
+METRICS_SCHEMA = pa.schema(
+    [
+        pa.field("run", pa.string(), nullable=False),
+        pa.field("step", pa.int64(), nullable=False),
+        pa.field("checkpoint", pa.string(), nullable=False),
+        pa.field("layer", pa.int32(), nullable=False),
+        pa.field("ffn_dim", pa.int32(), nullable=False),
+        pa.field("n_tokens", pa.int64(), nullable=False),
+        *[pa.field(name, pa.float64()) for name in METRIC_COLUMNS],
+        pa.field("probe_loss", pa.float64()),
+        pa.field("eval_loss", pa.float64()),
+        pa.field("rank_limited", pa.bool_(), nullable=False),
+        # Why the metrics of this row are null, e.g. NaN activations; null when they are valid.
+        pa.field("null_reason", pa.string()),
+    ]
+)
+
+SPECTRA_SCHEMA = pa.schema(
+    [
+        pa.field("run", pa.string(), nullable=False),
+        pa.field("step", pa.int64(), nullable=False),
+        pa.field("layer", pa.int32(), nullable=False),
+        pa.field("point", pa.string(), nullable=False),
+        pa.field("eigenvalues", pa.list_(pa.float64()), nullable=False),
+    ]
+)
+
+
+class ResultDirectoryError(ValueError):
+    """Raised when a directory is not a readable nerve result directory."""
+
+
+def checkpoint_file_name(step: int) -> str:
+    """Return the Parquet file name that holds one checkpoint's rows."""
+    return f"step-{step:012d}.parquet"
+
+
+def write_table_atomic(table: pa.Table, path: Path) -> None:
+    """Write a Parquet table to ``path`` through a temporary file and an atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".parquet", dir=path.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, temp_name)
+        os.replace(temp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp_name)
+        raise
+
+
+def write_json_atomic(data: dict[str, Any], path: Path) -> None:
+    """Write JSON to ``path`` through a temporary file and an atomic rename."""
+    fd, temp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".json", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2, sort_keys=False)
+            handle.write("\n")
+        os.replace(temp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp_name)
+        raise
+
+
+def write_checkpoint_tables(
+    out_dir: Path, step: int, metric_rows: list[dict[str, Any]], spectra_rows: list[dict[str, Any]]
+) -> None:
+    """Write one checkpoint's metrics and spectra files.
+
+    Spectra are written first: a checkpoint counts as finished when its metrics
+    file exists (see :func:`finished_steps`), so a crash between the two writes
+    makes the next run redo the checkpoint instead of leaving it half-stored.
+    """
+    name = checkpoint_file_name(step)
+    spectra = pa.Table.from_pylist(spectra_rows, schema=SPECTRA_SCHEMA)
+    metrics = pa.Table.from_pylist(metric_rows, schema=METRICS_SCHEMA)
+    write_table_atomic(spectra, out_dir / SPECTRA_DIR / name)
+    write_table_atomic(metrics, out_dir / METRICS_DIR / name)
+
+
+def finished_steps(out_dir: Path) -> set[int]:
+    """Return the steps whose metrics file exists in ``out_dir``."""
+    steps = set()
+    for path in (out_dir / METRICS_DIR).glob("step-*.parquet"):
+        with contextlib.suppress(ValueError):
+            steps.add(int(path.stem.removeprefix("step-")))
+    return steps
+
+
+def remove_stale_temp_files(out_dir: Path) -> int:
+    """Delete temporary files left by an interrupted run; return how many were removed.
+
+    Only files older than a minute are removed, so that a concurrent process's
+    write in progress is never pulled from under it.
+    """
+    import time
+
+    removed = 0
+    cutoff = time.time() - 60
+    for directory in (out_dir, out_dir / METRICS_DIR, out_dir / SPECTRA_DIR):
+        for path in directory.glob(f"{TEMP_PREFIX}*"):
+            with contextlib.suppress(FileNotFoundError):
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+    return removed
+
+
+@contextlib.contextmanager
+def locked_run_file(out_dir: Path) -> Iterator[dict[str, Any]]:
+    """Hold an exclusive lock on ``run.json`` and yield its contents for update.
+
+    The dictionary yielded is written back atomically when the block exits
+    without an exception. Callers in other processes wait for the lock.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".run.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            data = read_run_file(out_dir) if (out_dir / RUN_FILE).exists() else {}
+            yield data
+            write_json_atomic(data, out_dir / RUN_FILE)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def read_run_file(out_dir: Path) -> dict[str, Any]:
+    """Read ``run.json``; raise ResultDirectoryError naming the file when it is unreadable."""
+    path = out_dir / RUN_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ResultDirectoryError(
+            f"{out_dir}: not a nerve result directory ({RUN_FILE} not found); "
+            "pass the --out directory of 'nerve analyze'"
+        ) from None
+    except json.JSONDecodeError as error:
+        raise ResultDirectoryError(f"{path}: invalid JSON ({error}); re-run 'nerve analyze'") from None
+
+
+@dataclass
+class RunResults:
+    """One result directory loaded into memory."""
+
+    path: Path
+    info: dict[str, Any]
+    metrics: pd.DataFrame
+
+    @property
+    def name(self) -> str:
+        """The run name stored in run.json."""
+        return str(self.info.get("run", self.path.name))
+
+    def load_spectra(self) -> pd.DataFrame:
+        """Read the spectra dataset: one row per (step, layer, point)."""
+        return read_dataset(self.path / SPECTRA_DIR, SPECTRA_SCHEMA)
+
+
+def read_dataset(directory: Path, schema: pa.Schema) -> pd.DataFrame:
+    """Read every finished Parquet file of a dataset directory, sorted by step and layer."""
+    files = sorted(directory.glob("step-*.parquet"))
+    if not files:
+        return schema.empty_table().to_pandas()
+    table = pa.concat_tables(pq.read_table(path, schema=schema) for path in files)
+    frame = table.to_pandas()
+    order = [column for column in ("step", "layer", "point") if column in frame.columns]
+    return frame.sort_values(order, kind="stable").reset_index(drop=True)
+
+
+def load_results(out_dir: str | os.PathLike[str]) -> RunResults:
+    """Load a result directory written by ``nerve analyze``.
+
+    Returns run.json as a dictionary and the metrics table as a DataFrame with
+    one row per (step, layer). Raises ResultDirectoryError when ``out_dir`` is
+    not a result directory.
+    """
+    path = Path(out_dir)
+    if not path.is_dir():
+        raise ResultDirectoryError(f"{path}: result directory not found")
+    info = read_run_file(path)
+    if not (path / METRICS_DIR).is_dir():
+        raise ResultDirectoryError(
+            f"{path}: no {METRICS_DIR}/ directory; run 'nerve analyze' to completion first"
+        )
+    metrics = read_dataset(path / METRICS_DIR, METRICS_SCHEMA)
+    return RunResults(path=path, info=info, metrics=metrics)
