@@ -160,10 +160,14 @@ def test_screenshot_saved(opened_page):
     ARTIFACTS.mkdir(exist_ok=True)
     path = ARTIFACTS / "report.png"
 
+    top = ARTIFACTS / "report-top.png"
+
     page.evaluate("window.scrollTo(0, 0)")
     page.screenshot(path=str(path), full_page=True)
+    page.screenshot(path=str(top))
 
     assert path.stat().st_size > 10_000
+    assert top.stat().st_size > 10_000
 
 
 def test_missing_chromium_skips_outside_ci(monkeypatch, tmp_path):

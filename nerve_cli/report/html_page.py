@@ -52,14 +52,16 @@ LOADER_JS = """
   var template = JSON.parse(document.getElementById("nerve-plotly-template").textContent);
   var config = {responsive: true, displaylogo: false};
   document.querySelectorAll("script.nerve-figure").forEach(function (block) {
+    var target = block.dataset.target;
+    var report = function (error) {
+      console.error("nerve: figure " + target + " failed: " + error);
+    };
     try {
       var figure = JSON.parse(block.textContent);
       figure.layout.template = template;
-      Plotly.newPlot(block.dataset.target, figure.data, figure.layout, config).catch(function (error) {
-        console.error("nerve: figure " + block.dataset.target + " failed: " + error);
-      });
+      Plotly.newPlot(target, figure.data, figure.layout, config).catch(report);
     } catch (error) {
-      console.error("nerve: figure " + block.dataset.target + " failed: " + error);
+      report(error);
     }
   });
 })();

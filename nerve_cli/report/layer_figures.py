@@ -113,6 +113,7 @@ def build_scree_figure(spectra: pd.DataFrame, run: str) -> go.Figure:
         title={"text": "Eigenvalue scree plots"}, height=380, margin={"t": 80, "b": 40}
     )
     figure.update_xaxes(type="log", title_text="rank")
-    figure.update_yaxes(type="log")
+    # Powers of ten read better here than plotly's default SI prefixes such as "100μ".
+    figure.update_yaxes(type="log", exponentformat="power")
     figure.update_yaxes(title_text="eigenvalue / sum", row=1, col=1)
     return figure

@@ -6,7 +6,7 @@ import contextlib
 import html
 import logging
 import os
-import tempfile
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -93,14 +93,15 @@ def build_report_html(
 
 
 def _write_text_atomic(text: str, path: Path) -> None:
-    fd, temp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".html", dir=path.parent)
+    # open(..., "x") applies the umask, unlike tempfile.mkstemp, which creates files with mode 0600.
+    temp_path = path.parent / f".tmp-{uuid.uuid4().hex}-{path.name}"
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        with open(temp_path, "x", encoding="utf-8") as handle:
             handle.write(text)
-        os.replace(temp_name, path)
+        os.replace(temp_path, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp_name)
+            os.unlink(temp_path)
         raise
 
 
