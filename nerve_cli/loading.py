@@ -64,6 +64,14 @@ def resolve_dtype(name: str, config, device: torch.device) -> torch.dtype:
     return stored if isinstance(stored, torch.dtype) else torch.float32
 
 
+def quiet_transformers() -> None:
+    """Silence transformers' own progress bars and advice, which would interleave with nerve's."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+
+
 def load_config(checkpoint_dir: Path):
     """Read a checkpoint's config.json with transformers' AutoConfig."""
     from transformers import AutoConfig
