@@ -14,8 +14,13 @@ import click
 
 from nerve_cli import __version__
 from nerve_cli.analyze import DEFAULT_BATCH_SIZE, AnalyzeOptions, analyze_run, summarize_last_step
+from nerve_cli.compare import DEFAULT_METRICS, ComparisonError, compare_runs, format_comparison
+from nerve_cli.compare_format import FORMATS
 from nerve_cli.errors import NerveError, PartialFailure
 from nerve_cli.probe import DEFAULT_MAX_TOKENS, DEFAULT_SEQ_LEN
+from nerve_cli.store import METRIC_COLUMNS, ResultDirectoryError, load_results
+
+logger = logging.getLogger(__name__)
 
 
 def configure_logging(verbosity: int) -> None:
@@ -134,3 +139,87 @@ def raise_as_usage_error(error: Exception, ctx: click.Context) -> None:
     if ctx.obj.get("debug"):
         raise error
     raise NerveError(str(error)) from error
+
+
+def split_metric_options(values: tuple[str, ...]) -> list[str]:
+    """Flatten repeated and comma-separated --metric values, dropping blanks."""
+    names = [name.strip() for value in values for name in value.split(",")]
+    return [name for name in names if name]
+
+
+@main.command()
+@click.argument("results", nargs=-1, metavar="RESULTS_A RESULTS_B [RESULTS ...]")
+@click.option(
+    "--metric",
+    "metric_options",
+    multiple=True,
+    help=f"Metric to compare ({', '.join(METRIC_COLUMNS)}); repeat or separate with commas. "
+    f"Default: {', '.join(DEFAULT_METRICS)}.",
+)
+@click.option(
+    "--step",
+    type=int,
+    help="Training step of the first run to compare per layer. Default: the last aligned step.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(FORMATS),
+    default="table",
+    show_default=True,
+    help="Output format.",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the output to FILE instead of stdout.",
+)
+@click.option(
+    "--allow-probe-mismatch",
+    is_flag=True,
+    help="Compare runs that were analyzed with different probes.",
+)
+@click.pass_context
+def compare(
+    ctx: click.Context,
+    results: tuple[str, ...],
+    metric_options: tuple[str, ...],
+    step: int | None,
+    fmt: str,
+    out: Path | None,
+    allow_probe_mismatch: bool,
+) -> None:
+    """Compare two or more result directories written by 'nerve analyze'."""
+    if len(results) < 2:
+        raise NerveError(
+            f"compare needs two or more result directories, got {len(results)}; "
+            "pass the --out directories of 'nerve analyze'"
+        )
+    metrics = split_metric_options(metric_options) or list(DEFAULT_METRICS)
+
+    try:
+        loaded = [load_results(path) for path in results]
+        comparison = compare_runs(
+            loaded, metrics, step=step, allow_probe_mismatch=allow_probe_mismatch
+        )
+    except (ResultDirectoryError, ComparisonError) as error:
+        raise_as_usage_error(error, ctx)
+
+    if fmt != "table":
+        for note in comparison.notes:
+            logger.warning(note)
+    write_output(format_comparison(comparison, fmt), out)
+
+
+def write_output(text: str, out: Path | None) -> None:
+    """Write command output to stdout, or to ``out`` when given."""
+    if out is None:
+        click.echo(text, nl=False)
+        return
+    try:
+        out.write_text(text, encoding="utf-8")
+    except OSError as error:
+        raise NerveError(
+            f"{out}: cannot write the output ({error.strerror}); choose another --out"
+        ) from error
+    logger.info("wrote %s", out)

@@ -48,7 +48,10 @@ def load_torch_file(path: str | Path) -> Any:
     try:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=False)
-    except (pickle.UnpicklingError, RuntimeError) as error:  # which one depends on the torch version
+    except (
+        pickle.UnpicklingError,
+        RuntimeError,
+    ) as error:  # which one depends on the torch version
         rejected = _rejected_global(str(error))
         if rejected is None:
             raise

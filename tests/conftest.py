@@ -19,7 +19,9 @@ def runner() -> CliRunner:
     return CliRunner()
 
 
-def save_tiny_gpt2_run(run_dir: Path, steps=(0, 10), seed: int = 0, activation: str = "gelu") -> Path:
+def save_tiny_gpt2_run(
+    run_dir: Path, steps=(0, 10), seed: int = 0, activation: str = "gelu"
+) -> Path:
     """Save random tiny GPT-2 checkpoints as ``checkpoint-<step>`` with a trainer_state.json."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -45,7 +47,9 @@ def save_tiny_gpt2_run(run_dir: Path, steps=(0, 10), seed: int = 0, activation: 
     return run_dir
 
 
-def save_token_probe(path: Path, n_sequences: int = 12, seq_len: int = 32, vocab_size: int = 100) -> Path:
+def save_token_probe(
+    path: Path, n_sequences: int = 12, seq_len: int = 32, vocab_size: int = 100
+) -> Path:
     """Save a seeded ``.npy`` probe of token ids ``[n_sequences, seq_len]``."""
     token_ids = np.random.default_rng(0).integers(0, vocab_size, size=(n_sequences, seq_len))
     np.save(path, token_ids)

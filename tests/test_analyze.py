@@ -47,7 +47,9 @@ EXPECTED_METRICS_COLUMNS = {
 
 
 def run_analyze(runner, run_dir, out_dir, probe, *extra):
-    result = runner.invoke(main, ["-q", "analyze", str(run_dir), "--out", str(out_dir), "--probe", str(probe), *extra])
+    result = runner.invoke(
+        main, ["-q", "analyze", str(run_dir), "--out", str(out_dir), "--probe", str(probe), *extra]
+    )
     return result
 
 
@@ -142,7 +144,9 @@ def independent_reference(checkpoint_dir, token_ids):
     def keep(name):
         def hook(module, inputs, output=None):
             value = output if output is not None else inputs[0]
-            captured.setdefault(name, []).append(value.detach().double().reshape(-1, value.shape[-1]).numpy())
+            captured.setdefault(name, []).append(
+                value.detach().double().reshape(-1, value.shape[-1]).numpy()
+            )
 
         return hook
 
@@ -163,7 +167,10 @@ def independent_reference(checkpoint_dir, token_ids):
             x = np.concatenate(captured[(point, layer)])
             eigenvalues = np.clip(np.linalg.eigvalsh(np.cov(x, rowvar=False)), 0, None)[::-1]
             spectra[point] = eigenvalues / eigenvalues.sum()
-        reference[layer] = {**reference_metrics(spectra["pre"], "pre"), **reference_metrics(spectra["post"], "post")}
+        reference[layer] = {
+            **reference_metrics(spectra["pre"], "pre"),
+            **reference_metrics(spectra["post"], "post"),
+        }
         m = 0.5 * (spectra["pre"] + spectra["post"])
         reference[layer]["js"] = 0.5 * kl(spectra["pre"], m) + 0.5 * kl(spectra["post"], m)
     return reference, loss
@@ -196,7 +203,11 @@ def test_metrics_match_independent_computation(runner, tiny_run, token_probe, tm
         rows = metrics[metrics["step"] == step].set_index("layer")
         for layer, expected in reference.items():
             for column, value in expected.items():
-                assert rows.loc[layer, column] == pytest.approx(value, rel=1e-4, abs=1e-12), (step, layer, column)
+                assert rows.loc[layer, column] == pytest.approx(value, rel=1e-4, abs=1e-12), (
+                    step,
+                    layer,
+                    column,
+                )
         assert rows["probe_loss"].iloc[0] == pytest.approx(loss, rel=1e-5)
 
 

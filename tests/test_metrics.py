@@ -65,15 +65,21 @@ def test_order_of_eigenvalues_does_not_matter():
     eigenvalues = rng.gamma(1.0, size=64)
     shuffled = rng.permutation(eigenvalues)
 
-    assert metrics.early_enrichment(shuffled) == pytest.approx(metrics.early_enrichment(eigenvalues), rel=RTOL)
+    assert metrics.early_enrichment(shuffled) == pytest.approx(
+        metrics.early_enrichment(eigenvalues), rel=RTOL
+    )
     assert metrics.js_divergence(shuffled, eigenvalues) == 0.0
 
 
 def test_js_closed_form_two_point():
     # p = (1, 0), q = (1/2, 1/2): m = (3/4, 1/4).
-    expected = 0.5 * math.log(1 / 0.75) + 0.5 * (0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25))
+    expected = 0.5 * math.log(1 / 0.75) + 0.5 * (
+        0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)
+    )
 
-    assert metrics.js_divergence(np.array([1.0, 0.0]), np.array([1.0, 1.0])) == pytest.approx(expected, rel=RTOL)
+    assert metrics.js_divergence(np.array([1.0, 0.0]), np.array([1.0, 1.0])) == pytest.approx(
+        expected, rel=RTOL
+    )
 
 
 def test_js_of_spectrum_with_itself_is_exactly_zero():

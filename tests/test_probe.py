@@ -39,7 +39,9 @@ def test_text_probe_is_packed_and_capped(tmp_path):
     text_file.write_text("abcdefghij" * 20, encoding="utf-8")
     source = read_probe_source(text_file)
 
-    probe = build_probe(source, byte_tokenizer(), seq_len=64, max_tokens=150, max_positions=32, vocab_size=256)
+    probe = build_probe(
+        source, byte_tokenizer(), seq_len=64, max_tokens=150, max_positions=32, vocab_size=256
+    )
 
     # seq_len is capped at 32 positions; 150 tokens give 4 full rows.
     assert probe.token_ids.shape == (4, 32)
