@@ -13,9 +13,11 @@ from pathlib import Path
 import click
 
 from nerve_cli import __version__
+from nerve_cli.analyze import DEFAULT_BATCH_SIZE, AnalyzeOptions, analyze_run, summarize_last_step
 from nerve_cli.compare import DEFAULT_METRICS, ComparisonError, compare_runs, format_comparison
 from nerve_cli.compare_format import FORMATS
-from nerve_cli.errors import NerveError
+from nerve_cli.errors import NerveError, PartialFailure
+from nerve_cli.probe import DEFAULT_MAX_TOKENS, DEFAULT_SEQ_LEN
 from nerve_cli.store import METRIC_COLUMNS, ResultDirectoryError, load_results
 
 logger = logging.getLogger(__name__)
@@ -38,14 +40,105 @@ def main(ctx: click.Context, verbose: int, quiet: bool, debug: bool) -> None:
     configure_logging(-1 if quiet else verbose)
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+    ctx.obj["quiet"] = quiet
 
 
-def raise_as_usage_error(error: Exception) -> None:
-    """Turn a library input error into a one-line exit-2 error."""
+def parse_steps(value: str | None) -> list[int] | None:
+    """Parse ``--steps 0,100,200`` into integers."""
+    if not value:
+        return None
+    try:
+        return [int(item) for item in value.split(",") if item.strip()]
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r}: expected comma-separated integers such as 0,100,1000"
+        ) from None
+
+
+@main.command()
+@click.argument("ckpt_dir", type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    help="Result directory [default: nerve-results/RUN_NAME].",
+)
+@click.option(
+    "--probe",
+    "probe_path",
+    type=click.Path(path_type=Path),
+    help="Probe corpus: .txt text or .npy token ids [n_sequences, seq_len].",
+)
+@click.option(
+    "--max-tokens",
+    type=click.IntRange(min=2),
+    default=DEFAULT_MAX_TOKENS,
+    show_default=True,
+    help="Tokens of a text probe to use.",
+)
+@click.option(
+    "--seq-len",
+    type=click.IntRange(min=2),
+    default=DEFAULT_SEQ_LEN,
+    show_default=True,
+    help="Tokens per sequence of a text probe (capped at the model's maximum positions).",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=DEFAULT_BATCH_SIZE,
+    show_default=True,
+    help="Sequences per forward pass.",
+)
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="auto, cpu or cuda[:i]; auto picks CUDA when present.",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    default="auto",
+    show_default=True,
+    help="Compute dtype; auto keeps the checkpoint's dtype on GPU and uses float32 on CPU.",
+)
+@click.option("--steps", help="Comma-separated steps to analyze [default: all].")
+@click.option("--run-name", help="Run name stored in the tables [default: name of CKPT_DIR].")
+@click.option(
+    "--force", is_flag=True, help="Recompute checkpoints that are already in the result directory."
+)
+@click.pass_context
+def analyze(ctx: click.Context, ckpt_dir: Path, steps: str | None, **kwargs) -> None:
+    """Measure the FFN eigenspectra of every checkpoint in CKPT_DIR and write Parquet tables."""
+    options = AnalyzeOptions(steps=parse_steps(steps), show_progress=not ctx.obj["quiet"], **kwargs)
+    try:
+        summary = analyze_run(ckpt_dir, options)
+    except ValueError as error:
+        raise_as_usage_error(error, ctx)
+
+    table = summarize_last_step(summary.out_dir)
+    if not table.empty:
+        click.echo(f"Per-layer metrics at step {int(table['step'].iloc[0])} ({summary.run_name}):")
+        click.echo(
+            table.drop(columns="step").to_string(index=False, float_format=lambda v: f"{v:.4g}")
+        )
+    click.echo(
+        f"{len(summary.analyzed)} analyzed, {len(summary.skipped)} skipped, {len(summary.failed)} failed; "
+        f"results in {summary.out_dir}"
+    )
+    if summary.failed:
+        steps_failed = ", ".join(map(str, sorted(summary.failed)))
+        raise PartialFailure(
+            f"{len(summary.failed)} checkpoint(s) failed (steps {steps_failed}); see the errors above"
+        )
+
+
+def raise_as_usage_error(error: Exception, ctx: click.Context) -> None:
+    """Turn a library input error into a one-line exit-2 error (a traceback with --debug)."""
+    if ctx.obj.get("debug"):
+        raise error
     raise NerveError(str(error)) from error
-
-
-__all__ = ["main", "ResultDirectoryError", "raise_as_usage_error"]
 
 
 def split_metric_options(values: tuple[str, ...]) -> list[str]:
@@ -110,9 +203,7 @@ def compare(
             loaded, metrics, step=step, allow_probe_mismatch=allow_probe_mismatch
         )
     except (ResultDirectoryError, ComparisonError) as error:
-        if ctx.obj.get("debug"):
-            raise
-        raise_as_usage_error(error)
+        raise_as_usage_error(error, ctx)
 
     if fmt != "table":
         for note in comparison.notes:
@@ -169,8 +260,6 @@ def report(
         runs = [load_results(path) for path in results]
         written = render_report(runs, html_path, allow_probe_mismatch=allow_probe_mismatch)
     except (ResultDirectoryError, ComparisonError, ReportError) as error:
-        if ctx.obj.get("debug"):
-            raise
-        raise_as_usage_error(error)
+        raise_as_usage_error(error, ctx)
 
     click.echo(f"{written} ({format_file_size(written.stat().st_size)})")

@@ -93,11 +93,19 @@ def write_table_atomic(table: pa.Table, path: Path) -> None:
     os.close(fd)
     try:
         pq.write_table(table, temp_name)
+        _apply_umask(temp_name)
         os.replace(temp_name, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp_name)
         raise
+
+
+def _apply_umask(path: str) -> None:
+    """Give a temporary file the mode a plain ``open`` would (mkstemp creates it 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def write_json_atomic(data: dict[str, Any], path: Path) -> None:
@@ -107,6 +115,7 @@ def write_json_atomic(data: dict[str, Any], path: Path) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             json.dump(data, handle, indent=2, sort_keys=False)
             handle.write("\n")
+        _apply_umask(temp_name)
         os.replace(temp_name, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -187,7 +196,9 @@ def read_run_file(out_dir: Path) -> dict[str, Any]:
             "pass the --out directory of 'nerve analyze'"
         ) from None
     except json.JSONDecodeError as error:
-        raise ResultDirectoryError(f"{path}: invalid JSON ({error}); re-run 'nerve analyze'") from None
+        raise ResultDirectoryError(
+            f"{path}: invalid JSON ({error}); re-run 'nerve analyze'"
+        ) from None
 
 
 @dataclass
@@ -236,3 +247,25 @@ def load_results(out_dir: str | os.PathLike[str]) -> RunResults:
         )
     metrics = read_dataset(path / METRICS_DIR, METRICS_SCHEMA)
     return RunResults(path=path, info=info, metrics=metrics)
+
+
+@contextlib.contextmanager
+def claim_checkpoint(out_dir: Path, step: int) -> Iterator[bool]:
+    """Try to claim one checkpoint for this process; yield whether the claim succeeded.
+
+    The claim is an exclusive ``flock`` on ``OUT/locks/step-<step>.lock``. The
+    kernel releases it when the holding process exits, also when it is killed,
+    so a lock file left behind by a dead process is taken over at once.
+    """
+    lock_dir = out_dir / "locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / f"step-{step}.lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

@@ -35,14 +35,28 @@ def write_synthetic_run(
         for layer in range(n_layers):
             pre = np.sort(rng.gamma(1.0 + progress + 0.1 * layer, size=ffn_dim))[::-1]
             post = np.sort(pre + rng.gamma(0.5 + progress, size=ffn_dim))[::-1]
-            metric_rows.append(_metric_row(run, step, layer, ffn_dim, pre, post, loss, with_eval_loss))
+            metric_rows.append(
+                _metric_row(run, step, layer, ffn_dim, pre, post, loss, with_eval_loss)
+            )
             for point, values in (("pre", pre), ("post", post)):
                 spectra_rows.append(
-                    {"run": run, "step": step, "layer": layer, "point": point, "eigenvalues": values.tolist()}
+                    {
+                        "run": run,
+                        "step": step,
+                        "layer": layer,
+                        "point": point,
+                        "eigenvalues": values.tolist(),
+                    }
                 )
         store.write_checkpoint_tables(out_dir, step, metric_rows, spectra_rows)
         checkpoints.append(
-            {"step": step, "path": f"checkpoint-{step}", "seconds": 0.1, "status": "done", "error": None}
+            {
+                "step": step,
+                "path": f"checkpoint-{step}",
+                "seconds": 0.1,
+                "status": "done",
+                "error": None,
+            }
         )
 
     with store.locked_run_file(out_dir) as info:

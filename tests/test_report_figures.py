@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-from nerve_cli.compare import compute_layer_means, compute_loss_correlations
 
+from nerve_cli.compare import compute_layer_means, compute_loss_correlations
 from nerve_cli.report.frames import (
     compute_scree,
     pivot_layer_by_step,

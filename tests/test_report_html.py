@@ -9,10 +9,10 @@ import re
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from nerve_cli.compare import ComparisonError
 from plotly.offline import get_plotlyjs
 
 from nerve_cli.cli import main
+from nerve_cli.compare import ComparisonError
 from nerve_cli.report import ReportError, build_report_html, render_report
 from nerve_cli.report.frames import pivot_layer_by_step
 from nerve_cli.store import load_results

@@ -1,0 +1,5 @@
+"""Allow ``python -m nerve_cli``."""
+
+from nerve_cli.cli import main
+
+main()
