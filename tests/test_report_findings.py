@@ -95,7 +95,7 @@ def test_eee_trend_rises():
 
     sentence = findings.describe_eee_trend(metrics, layer_means_of(metrics))
 
-    assert "rises from 0.2 at step 0 to 0.4 at step 100" in sentence
+    assert "rises from 0.2 at step 0 to 0.4 at step 100 (+0.2)" in sentence
     assert "falls in 0 of 2 layers" in sentence
 
 
@@ -206,5 +206,5 @@ def test_compared_trends_count_falling_runs():
 
     assert sentence == (
         "Layer-mean EEE post falls over training in 1 of 2 runs "
-        "(a -0.2 from step 0 to 100, b 0.1 from step 0 to 100)."
+        "(a -0.2 from step 0 to 100, b +0.1 from step 0 to 100)."
     )

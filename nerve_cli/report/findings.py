@@ -10,7 +10,7 @@ from typing import Any
 
 import pandas as pd
 
-from nerve_cli.report.formatting import format_integer_list, format_value
+from nerve_cli.report.formatting import format_change, format_integer_list, format_value
 from nerve_cli.report.frames import select_last_step
 from nerve_cli.report.labels import LOSS_LABELS, metric_label
 
@@ -103,7 +103,7 @@ def describe_eee_trend(metrics: pd.DataFrame, layer_means: pd.DataFrame) -> str:
     return (
         f"Layer-mean EEE post {direction} from {format_value(first['eee_post'], 3)} at step "
         f"{first_step} to {format_value(last['eee_post'], 3)} at step {last_step} "
-        f"({format_value(change, 3)}), {meaning}. It falls in {n_falling} of {n_layers} layers."
+        f"({format_change(change)}), {meaning}. It falls in {n_falling} of {n_layers} layers."
     )
 
 
@@ -198,7 +198,7 @@ def describe_compared_trends(trajectories: pd.DataFrame, metric: str) -> str | N
 
     n_falling = int((rows["change"] < 0).sum())
     changes = ", ".join(
-        f"{row.run} {format_value(row.change, 3)} from step {int(row.first_step)} "
+        f"{row.run} {format_change(row.change)} from step {int(row.first_step)} "
         f"to {int(row.last_step)}"
         for row in rows.itertuples(index=False)
     )

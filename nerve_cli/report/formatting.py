@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 
-__all__ = ["format_value", "format_integer_list"]
+__all__ = ["format_value", "format_change", "format_integer_list"]
 
 
 def format_value(value: numbers.Real | None, digits: int = 4) -> str:
@@ -29,6 +29,14 @@ def format_value(value: numbers.Real | None, digits: int = 4) -> str:
     if abs(number) >= 10_000:
         return f"{number:.0f}"
     return f"{number:.{digits}g}"
+
+
+def format_change(value: numbers.Real | None, digits: int = 3) -> str:
+    """Format a difference like :func:`format_value`, with a "+" sign on positive values."""
+    text = format_value(value, digits)
+    if value is not None and float(value) > 0:
+        return f"+{text}"
+    return text
 
 
 def format_integer_list(values: list[int]) -> str:
