@@ -236,3 +236,27 @@ def test_rank_limited_when_tokens_below_width(runner, tiny_run, tmp_path):
     assert metrics["rank_limited"].all()
     assert metrics["se_pre"].notna().all()
     assert (metrics["pr_pre"] <= 32).all()
+
+
+@pytest.mark.slow
+def test_sample_run_end_to_end(runner, tmp_path):
+    """The README's main job on a shipped, really trained run, with a shorter probe."""
+    from .conftest import SAMPLE_RUNS
+
+    run_dir = SAMPLE_RUNS / "gpt2-gelu"
+    steps = sorted(int(path.name.split("-")[1]) for path in run_dir.glob("checkpoint-*"))
+    out = tmp_path / "gelu"
+    selected = f"{steps[0]},{steps[-1]}"
+
+    result = runner.invoke(main, ["-q", "analyze", str(run_dir), "--out", str(out), "--max-tokens", "8192", "--steps", selected])
+
+    assert result.exit_code == 0, result.output
+    assert f"Per-layer metrics at step {steps[-1]}" in result.output
+    metrics = pd.read_parquet(out / "metrics")
+    info = json.loads((out / "run.json").read_text())
+    assert len(metrics) == 2 * info["n_layers"]
+    assert metrics["probe_loss"].notna().all()
+    assert metrics["eval_loss"].notna().all()
+    by_step = metrics.groupby("step")["probe_loss"].first()
+    assert by_step[steps[-1]] < by_step[steps[0]] - 1.0
+    assert info["probe"]["n_tokens"] == 8192
