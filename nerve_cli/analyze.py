@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from nerve_cli import __version__, store
-from nerve_cli.architectures import resolve_ffn_points
+from nerve_cli.architectures import FFNFamily, resolve_ffn_points
 from nerve_cli.checkpoints import (
     CheckpointRef,
     discover_checkpoints,
@@ -33,6 +33,7 @@ from nerve_cli.checkpoints import (
     select_steps,
 )
 from nerve_cli.errors import CheckpointError
+from nerve_cli.inspection import resolve_planned_layout
 from nerve_cli.loading import (
     load_checkpoint,
     load_config,
@@ -70,6 +71,8 @@ class AnalyzeOptions:
     run_name: str | None = None
     force: bool = False
     show_progress: bool = True
+    # FFN module patterns from --ffn-up/--ffn-down/--gated; None uses the family table.
+    ffn_family: FFNFamily | None = None
 
 
 @dataclass
@@ -97,14 +100,15 @@ def analyze_run(
     checkpoints = select_steps(
         discover_checkpoints(run_dir), list(options.steps) if options.steps else None
     )
+    first_config = load_config(checkpoints[0])
+    resolve_planned_layout(checkpoints[0], first_config, options.ffn_family)
     run_name = options.run_name or run_dir.resolve().name
     out_dir = Path(options.out_dir) if options.out_dir else Path("nerve-results") / run_name
     check_output_writable(out_dir)
 
     device = resolve_device(options.device)
     probe_source = read_probe_source(options.probe_path)
-    first_config = load_config(checkpoints[0].path)
-    probe = prepare_probe(probe_source, checkpoints[0].path, first_config, options)
+    probe = prepare_probe(probe_source, checkpoints[0], first_config, options)
     store.remove_stale_temp_files(out_dir)
     record_run_metadata(out_dir, run_name, run_dir, probe, device)
 
@@ -134,14 +138,14 @@ class OutputDirectoryError(ValueError):
 
 
 def prepare_probe(
-    source: ProbeSource, checkpoint_dir: Path, config, options: AnalyzeOptions
+    source: ProbeSource, checkpoint: CheckpointRef, config, options: AnalyzeOptions
 ) -> Probe:
     """Tokenize the probe with the first checkpoint's tokenizer, or check a token array.
 
     The same token ids are used for every checkpoint of the run, so metrics
     of different steps are computed on identical inputs.
     """
-    tokenizer = None if source.token_ids is not None else load_tokenizer(checkpoint_dir)
+    tokenizer = None if source.token_ids is not None else load_tokenizer(checkpoint)
     return build_probe(
         source,
         tokenizer,
@@ -236,8 +240,8 @@ def measure_checkpoint(
     ref: CheckpointRef, run_name: str, probe: Probe, device: torch.device, options: AnalyzeOptions
 ) -> tuple[list[dict], list[dict], dict]:
     """Load one checkpoint, measure it and return its metrics rows, spectra rows and metadata."""
-    loaded = load_checkpoint(ref.path, device, options.dtype)
-    points = resolve_ffn_points(loaded.model, loaded.config.model_type)
+    loaded = load_checkpoint(ref, device, options.dtype)
+    points = resolve_ffn_points(loaded.model, loaded.config.model_type, options.ffn_family)
     product_dtype = torch.float64
     measurement = measure_model(
         loaded.model,

@@ -14,6 +14,7 @@ import click
 
 from nerve_cli import __version__
 from nerve_cli.analyze import DEFAULT_BATCH_SIZE, AnalyzeOptions, analyze_run, summarize_last_step
+from nerve_cli.architectures import FFNFamily, override_family
 from nerve_cli.compare import DEFAULT_METRICS, ComparisonError, compare_runs, format_comparison
 from nerve_cli.compare_format import FORMATS
 from nerve_cli.errors import NerveError, PartialFailure
@@ -53,6 +54,28 @@ def parse_steps(value: str | None) -> list[int] | None:
         raise click.BadParameter(
             f"{value!r}: expected comma-separated integers such as 0,100,1000"
         ) from None
+
+
+def ffn_override_options(command):
+    """Add --ffn-up, --ffn-down and --gated, which override the FFN family table."""
+    command = click.option(
+        "--gated",
+        is_flag=True,
+        help="The FFN is gated: --ffn-up names the gate projection (or a fused "
+        "gate-and-up projection, whose first half is the gate).",
+    )(command)
+    command = click.option(
+        "--ffn-down",
+        metavar="PATTERN",
+        help="Module name of the down projection, whose input is the post-activation, "
+        "e.g. 'transformer.h.{layer}.mlp.c_proj'.",
+    )(command)
+    return click.option(
+        "--ffn-up",
+        metavar="PATTERN",
+        help="Module name, relative to the model, of the projection whose output is the "
+        "pre-activation, with {layer} for the block index, e.g. 'transformer.h.{layer}.mlp.c_fc'.",
+    )(command)
 
 
 @main.command()
@@ -108,10 +131,24 @@ def parse_steps(value: str | None) -> list[int] | None:
 @click.option(
     "--force", is_flag=True, help="Recompute checkpoints that are already in the result directory."
 )
+@ffn_override_options
 @click.pass_context
-def analyze(ctx: click.Context, ckpt_dir: Path, steps: str | None, **kwargs) -> None:
+def analyze(
+    ctx: click.Context,
+    ckpt_dir: Path,
+    steps: str | None,
+    ffn_up: str | None,
+    ffn_down: str | None,
+    gated: bool,
+    **kwargs,
+) -> None:
     """Measure the FFN eigenspectra of every checkpoint in CKPT_DIR and write Parquet tables."""
-    options = AnalyzeOptions(steps=parse_steps(steps), show_progress=not ctx.obj["quiet"], **kwargs)
+    options = AnalyzeOptions(
+        steps=parse_steps(steps),
+        show_progress=not ctx.obj["quiet"],
+        ffn_family=build_ffn_override(ffn_up, ffn_down, gated),
+        **kwargs,
+    )
     try:
         summary = analyze_run(ckpt_dir, options)
     except ValueError as error:
@@ -263,3 +300,58 @@ def report(
         raise_as_usage_error(error, ctx)
 
     click.echo(f"{written} ({format_file_size(written.stat().st_size)})")
+
+
+def build_ffn_override(ffn_up: str | None, ffn_down: str | None, gated: bool) -> FFNFamily | None:
+    """Turn --ffn-up/--ffn-down/--gated into an FFN family, or None when they are not given."""
+    if ffn_up is None and ffn_down is None:
+        if gated:
+            raise click.UsageError("--gated needs --ffn-up and --ffn-down")
+        return None
+    if ffn_up is None or ffn_down is None:
+        raise click.UsageError("--ffn-up and --ffn-down must be given together")
+    try:
+        return override_family(ffn_up, ffn_down, gated)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
+
+
+@main.command()
+@click.argument("ckpt_dir", type=click.Path(path_type=Path))
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="Plain-text report or JSON.",
+)
+@ffn_override_options
+@click.pass_context
+def inspect(
+    ctx: click.Context,
+    ckpt_dir: Path,
+    output_format: str,
+    ffn_up: str | None,
+    ffn_down: str | None,
+    gated: bool,
+) -> None:
+    """List the checkpoints in CKPT_DIR and the FFN modules analyze would measure.
+
+    Nothing is run through the model and no weights are read. Exits with
+    status 2 when no FFN measurement points can be found.
+    """
+    from nerve_cli.inspection import inspect_run, inspection_to_json, render_inspection
+
+    family = build_ffn_override(ffn_up, ffn_down, gated)
+    try:
+        inspection = inspect_run(ckpt_dir, family)
+    except ValueError as error:
+        raise_as_usage_error(error, ctx)
+
+    if output_format == "json":
+        click.echo(inspection_to_json(inspection))
+    else:
+        click.echo(render_inspection(inspection))
+    if inspection.error:
+        raise NerveError(inspection.error)

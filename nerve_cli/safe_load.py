@@ -37,8 +37,12 @@ def _numpy_safe_globals() -> list[Any]:
     return allowed
 
 
-def load_torch_file(path: str | Path) -> Any:
+def load_torch_file(path: str | Path, mmap: bool = False) -> Any:
     """Load a pickle-based torch file on the CPU with the restricted unpickler.
+
+    ``mmap=True`` maps tensor storages from the file instead of reading them,
+    so fields such as nanoGPT's ``iter_num`` can be read cheaply. It needs the
+    zip format that ``torch.save`` writes by default since torch 1.6.
 
     Raises UnsafeCheckpointError naming the file and the rejected global when
     the file would need to import or call anything beyond tensors, containers,
@@ -47,7 +51,7 @@ def load_torch_file(path: str | Path) -> Any:
     path = Path(path)
     try:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (
         pickle.UnpicklingError,
         RuntimeError,
