@@ -248,7 +248,20 @@ def test_sample_run_end_to_end(runner, tmp_path):
     out = tmp_path / "gelu"
     selected = f"{steps[0]},{steps[-1]}"
 
-    result = runner.invoke(main, ["-q", "analyze", str(run_dir), "--out", str(out), "--max-tokens", "8192", "--steps", selected])
+    result = runner.invoke(
+        main,
+        [
+            "-q",
+            "analyze",
+            str(run_dir),
+            "--out",
+            str(out),
+            "--max-tokens",
+            "8192",
+            "--steps",
+            selected,
+        ],
+    )
 
     assert result.exit_code == 0, result.output
     assert f"Per-layer metrics at step {steps[-1]}" in result.output
