@@ -7,6 +7,7 @@ stderr through ``logging`` and progress bars.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -17,7 +18,14 @@ from nerve_cli.analyze import DEFAULT_BATCH_SIZE, AnalyzeOptions, analyze_run, s
 from nerve_cli.architectures import FFNFamily, override_family
 from nerve_cli.compare import DEFAULT_METRICS, ComparisonError, compare_runs, format_comparison
 from nerve_cli.compare_format import FORMATS
-from nerve_cli.errors import NerveError, PartialFailure
+from nerve_cli.errors import (
+    AnalysisInterrupted,
+    InterruptedRun,
+    NerveError,
+    PartialFailure,
+    describe_os_error,
+    sigterm_raises_interrupt,
+)
 from nerve_cli.probe import DEFAULT_MAX_TOKENS, DEFAULT_SEQ_LEN
 from nerve_cli.store import METRIC_COLUMNS, ResultDirectoryError, load_results
 
@@ -150,8 +158,16 @@ def analyze(
         **kwargs,
     )
     try:
-        summary = analyze_run(ckpt_dir, options)
-    except ValueError as error:
+        with sigterm_raises_interrupt():
+            summary = analyze_run(ckpt_dir, options)
+    except AnalysisInterrupted as interrupt:
+        raise InterruptedRun(interrupt.describe(), interrupt.signal_number) from None
+    except KeyboardInterrupt:
+        raise InterruptedRun(
+            "interrupted before any checkpoint was analyzed; run the same command again",
+            signal.SIGINT,
+        ) from None
+    except (ValueError, OSError) as error:
         raise_as_usage_error(error, ctx)
 
     table = summarize_last_step(summary.out_dir)
@@ -175,7 +191,8 @@ def raise_as_usage_error(error: Exception, ctx: click.Context) -> None:
     """Turn a library input error into a one-line exit-2 error (a traceback with --debug)."""
     if ctx.obj.get("debug"):
         raise error
-    raise NerveError(str(error)) from error
+    message = describe_os_error(error) if isinstance(error, OSError) else str(error)
+    raise NerveError(message) from error
 
 
 def split_metric_options(values: tuple[str, ...]) -> list[str]:
