@@ -125,20 +125,34 @@ def _read_default_probe() -> ProbeSource:
 
 
 def _read_token_array(path: Path) -> np.ndarray:
-    """Load and check a ``.npy`` token array without unpickling."""
+    """Load and check a ``.npy`` token array without unpickling.
+
+    Raises ProbeError naming the file unless the array is a non-empty 2-D
+    integer array ``[n_sequences, seq_len]``.
+    """
     try:
         array = np.load(path, allow_pickle=False)
-    except ValueError as error:
-        raise ProbeError(f"{path}: not a plain .npy array ({error})") from None
+    except (ValueError, OSError, EOFError) as error:
+        raise ProbeError(
+            f"{path}: not a plain .npy array ({error}); save the token ids with numpy.save"
+        ) from None
     if array.ndim != 2:
         raise ProbeError(
-            f"{path}: token array must have shape [n_sequences, seq_len], got {array.ndim} dimensions "
-            f"{tuple(array.shape)}"
+            f"{path}: token array must have shape [n_sequences, seq_len], got {array.ndim} "
+            f"dimensions {tuple(array.shape)}; reshape it to one row per sequence"
         )
     if not np.issubdtype(array.dtype, np.integer):
-        raise ProbeError(f"{path}: token ids must be integers, got dtype {array.dtype}")
+        raise ProbeError(
+            f"{path}: token ids must be integers, got dtype {array.dtype}; "
+            "save them with an integer dtype such as int64"
+        )
     if array.size == 0:
-        raise ProbeError(f"{path}: token array is empty")
+        raise ProbeError(f"{path}: token array is empty; it needs at least one sequence")
+    if array.dtype == np.uint64 and int(array.max()) > np.iinfo(np.int64).max:
+        raise ProbeError(
+            f"{path}: token id {int(array.max())} does not fit in int64; "
+            "tokenize the probe with this model's tokenizer"
+        )
     return array.astype(np.int64)
 
 
