@@ -8,8 +8,12 @@ Layout of a result directory ``OUT``::
 
 Every file is written under a temporary name in the same directory and renamed
 into place, so readers never see a partial file and an interrupted run leaves
-only temporary files, which the next run removes. ``run.json`` is updated under
-an exclusive lock so that several processes can share one result directory.
+only temporary files. A temporary file is named after its target
+(``.tmp-step-<step>-<random>.parquet``, ``.tmp-run-<random>.json``). The
+process that has the target's lock removes the leftovers: the claim of a
+checkpoint for its Parquet files, the lock of ``run.json`` for that file.
+``run.json`` is updated under an exclusive lock and each checkpoint is claimed
+by one process at a time, so several processes can share one result directory.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ import fcntl
 import json
 import logging
 import os
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,10 +92,17 @@ def checkpoint_file_name(step: int) -> str:
     return f"step-{step:012d}.parquet"
 
 
+def temp_file_prefix(path: Path) -> str:
+    """Return the name prefix of the temporary files written on the way to ``path``."""
+    return f"{TEMP_PREFIX}{path.stem}-"
+
+
 def write_table_atomic(table: pa.Table, path: Path) -> None:
     """Write a Parquet table to ``path`` through a temporary file and an atomic rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".parquet", dir=path.parent)
+    fd, temp_name = tempfile.mkstemp(
+        prefix=temp_file_prefix(path), suffix=path.suffix, dir=path.parent
+    )
     os.close(fd)
     try:
         pq.write_table(table, temp_name)
@@ -110,7 +123,9 @@ def _apply_umask(path: str) -> None:
 
 def write_json_atomic(data: dict[str, Any], path: Path) -> None:
     """Write JSON to ``path`` through a temporary file and an atomic rename."""
-    fd, temp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".json", dir=path.parent)
+    fd, temp_name = tempfile.mkstemp(
+        prefix=temp_file_prefix(path), suffix=path.suffix, dir=path.parent
+    )
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             json.dump(data, handle, indent=2, sort_keys=False)
@@ -148,22 +163,52 @@ def finished_steps(out_dir: Path) -> set[int]:
     return steps
 
 
-def remove_stale_temp_files(out_dir: Path) -> int:
-    """Delete temporary files left by an interrupted run; return how many were removed.
+def remove_checkpoint_temp_files(out_dir: Path, step: int) -> int:
+    """Delete the temporary files of one checkpoint's tables; return how many were removed.
 
-    Only files older than a minute are removed, so that a concurrent process's
-    write in progress is never pulled from under it.
+    Call this only while holding the checkpoint's claim: no other process can
+    be writing these files then, so whatever exists was left by a process
+    that was killed.
     """
-    import time
-
+    target = Path(checkpoint_file_name(step))
     removed = 0
+    for directory in (out_dir / METRICS_DIR, out_dir / SPECTRA_DIR):
+        removed += _remove_files(directory.glob(f"{temp_file_prefix(target)}*"))
+    return removed
+
+
+def remove_stale_temp_files(out_dir: Path) -> int:
+    """Delete temporary files that no lock protects and that are over a minute old.
+
+    Files named after a checkpoint or run.json are removed under their lock
+    (see :func:`remove_checkpoint_temp_files`); this catches any other
+    leftover. The age limit keeps a concurrent writer's file in place.
+    """
     cutoff = time.time() - 60
-    for directory in (out_dir, out_dir / METRICS_DIR, out_dir / SPECTRA_DIR):
-        for path in directory.glob(f"{TEMP_PREFIX}*"):
-            with contextlib.suppress(FileNotFoundError):
-                if path.stat().st_mtime < cutoff:
-                    path.unlink()
-                    removed += 1
+    stale = [
+        path
+        for directory in (out_dir, out_dir / METRICS_DIR, out_dir / SPECTRA_DIR)
+        for path in directory.glob(f"{TEMP_PREFIX}*")
+        if _modified_before(path, cutoff)
+    ]
+    return _remove_files(stale)
+
+
+def _modified_before(path: Path, cutoff: float) -> bool:
+    try:
+        return path.stat().st_mtime < cutoff
+    except FileNotFoundError:
+        return False
+
+
+def _remove_files(paths) -> int:
+    """Delete files that may vanish concurrently; return how many this call removed."""
+    removed = 0
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed += 1
+            logger.info("%s: removed a temporary file left by an interrupted run", path)
     return removed
 
 
@@ -173,11 +218,13 @@ def locked_run_file(out_dir: Path) -> Iterator[dict[str, Any]]:
 
     The dictionary yielded is written back atomically when the block exits
     without an exception. Callers in other processes wait for the lock.
+    Temporary files of run.json left by a killed writer are removed first.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / ".run.lock", "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
+            _remove_files(out_dir.glob(f"{temp_file_prefix(Path(RUN_FILE))}*"))
             data = read_run_file(out_dir) if (out_dir / RUN_FILE).exists() else {}
             yield data
             write_json_atomic(data, out_dir / RUN_FILE)
@@ -197,7 +244,8 @@ def read_run_file(out_dir: Path) -> dict[str, Any]:
         ) from None
     except json.JSONDecodeError as error:
         raise ResultDirectoryError(
-            f"{path}: invalid JSON ({error}); re-run 'nerve analyze'"
+            f"{path}: invalid JSON ({error}); restore the file from a backup, or delete it and "
+            "re-run 'nerve analyze' with the same --out (finished checkpoints are kept)"
         ) from None
 
 
@@ -254,8 +302,11 @@ def claim_checkpoint(out_dir: Path, step: int) -> Iterator[bool]:
     """Try to claim one checkpoint for this process; yield whether the claim succeeded.
 
     The claim is an exclusive ``flock`` on ``OUT/locks/step-<step>.lock``. The
-    kernel releases it when the holding process exits, also when it is killed,
-    so a lock file left behind by a dead process is taken over at once.
+    kernel releases it when the holding process exits, also when it is
+    killed, so a lock file left behind by a dead process is taken over at
+    once. The holder writes its host and pid into the file and empties it on
+    release, so a non-empty file found on taking the lock is logged as left
+    by a process that did not finish.
     """
     lock_dir = out_dir / "locks"
     lock_dir.mkdir(parents=True, exist_ok=True)
@@ -266,6 +317,32 @@ def claim_checkpoint(out_dir: Path, step: int) -> Iterator[bool]:
             yield False
             return
         try:
+            _take_over_lock(lock, step)
             yield True
         finally:
+            lock.truncate(0)
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _take_over_lock(lock, step: int) -> None:
+    """Log a previous holder that never released the lock, then record this process."""
+    lock.seek(0)
+    previous = lock.read().strip()
+    if previous:
+        logger.warning(
+            "step %d: taking over the claim left by %s, which ended without finishing "
+            "this checkpoint",
+            step,
+            previous,
+        )
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
+    lock.flush()
+
+
+def read_claim_holder(out_dir: Path, step: int) -> str | None:
+    """Return "pid N on host H" of the process that has a checkpoint's claim, if recorded."""
+    with contextlib.suppress(OSError):
+        text = (out_dir / "locks" / f"step-{step}.lock").read_text(encoding="utf-8").strip()
+        return text or None
+    return None
