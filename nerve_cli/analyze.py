@@ -5,7 +5,8 @@ finds the checkpoints, prepares the probe once, and for each checkpoint loads
 the model, measures it and writes that checkpoint's Parquet files before
 moving on, so an interruption loses at most the checkpoint in progress. A
 re-run skips checkpoints whose files exist; a checkpoint that fails is
-recorded in run.json with its error and the run goes on.
+recorded in run.json with its error and the run goes on. Each checkpoint's
+files are checked (:mod:`nerve_cli.validation`) before its model is built.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ import logging
 import math
 import os
 import platform
+import signal
+import socket
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,7 +36,7 @@ from nerve_cli.checkpoints import (
     read_trainer_state,
     select_steps,
 )
-from nerve_cli.errors import CheckpointError
+from nerve_cli.errors import AnalysisInterrupted, CheckpointError, TerminationRequested
 from nerve_cli.inspection import resolve_planned_layout
 from nerve_cli.loading import (
     load_checkpoint,
@@ -50,6 +54,7 @@ from nerve_cli.probe import (
     build_probe,
     read_probe_source,
 )
+from nerve_cli.validation import CONFIG_FORMATS, check_checkpoint, check_config
 
 logger = logging.getLogger(__name__)
 
@@ -92,45 +97,92 @@ def analyze_run(
     """Analyze every selected checkpoint of ``run_dir`` and write the result directory.
 
     Raises ValueError subclasses (checkpoint discovery, probe, output
-    directory) for input that stops the whole run before any model is
-    loaded. Per-checkpoint failures are returned in ``summary.failed``.
+    directory, no checkpoint with a usable config.json) for input that stops
+    the whole run before any model is loaded, and OutputDirectoryError when
+    results cannot be written. Per-checkpoint failures are returned in
+    ``summary.failed``. SIGINT, or SIGTERM turned into TerminationRequested,
+    ends the run with AnalysisInterrupted; finished checkpoints stay written.
     """
     options = options or AnalyzeOptions()
     run_dir = Path(run_dir)
     checkpoints = select_steps(
         discover_checkpoints(run_dir), list(options.steps) if options.steps else None
     )
-    first_config = load_config(checkpoints[0])
-    resolve_planned_layout(checkpoints[0], first_config, options.ffn_family)
     run_name = options.run_name or run_dir.resolve().name
     out_dir = Path(options.out_dir) if options.out_dir else Path("nerve-results") / run_name
-    check_output_writable(out_dir)
 
+    # Every check that can stop the run comes before the first write and the first model.
     device = resolve_device(options.device)
     probe_source = read_probe_source(options.probe_path)
-    probe = prepare_probe(probe_source, checkpoints[0], first_config, options)
+    config_ref, config = select_config_checkpoint(checkpoints, run_dir)
+    resolve_planned_layout(config_ref, config, options.ffn_family)
+    probe = prepare_probe(probe_source, config_ref, config, options)
+    check_output_writable(out_dir)
     store.remove_stale_temp_files(out_dir)
     record_run_metadata(out_dir, run_name, run_dir, probe, device)
 
     summary = AnalysisSummary(out_dir=out_dir, run_name=run_name)
     progress = tqdm(checkpoints, desc=run_name, unit="ckpt", disable=not options.show_progress)
-    for ref in progress:
-        progress.set_postfix(step=ref.step)
-        analyze_one(ref, out_dir, run_name, probe, device, options, summary)
+    try:
+        for ref in progress:
+            progress.set_postfix(step=ref.step)
+            analyze_one(ref, out_dir, run_name, probe, device, options, summary)
+    except KeyboardInterrupt as interrupt:
+        progress.close()
+        terminated = isinstance(interrupt, TerminationRequested)
+        signal_number = signal.SIGTERM if terminated else signal.SIGINT
+        raise AnalysisInterrupted(out_dir, len(summary.analyzed), signal_number) from None
     return summary
 
 
 def check_output_writable(out_dir: Path) -> None:
-    """Create ``out_dir`` and check that files can be written there, before any model loads."""
+    """Create ``out_dir`` and check that files can be written there, before any model loads.
+
+    The test file is anonymous (``O_TMPFILE`` where the file system has it),
+    so a kill at any moment leaves nothing behind.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputDirectoryError(
+            f"{out_dir}: output path exists and is not a directory; choose another with --out"
+        )
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe_file = out_dir / f".write-test-{os.getpid()}"
-        probe_file.write_bytes(b"")
-        probe_file.unlink()
+        with tempfile.TemporaryFile(dir=out_dir) as handle:
+            handle.write(b"nerve write test")
     except OSError as error:
         raise OutputDirectoryError(
-            f"{out_dir}: output directory is not writable ({error.strerror}); choose another with --out"
+            f"{out_dir}: output directory cannot be created or written ({error.strerror}); "
+            "choose another with --out"
         ) from None
+
+
+def select_config_checkpoint(
+    checkpoints: Sequence[CheckpointRef], run_dir: Path
+) -> tuple[CheckpointRef, object]:
+    """Return the first checkpoint whose config loads, with that config.
+
+    Its vocabulary checks the probe and its tokenizer tokenizes a text probe,
+    so a broken first checkpoint does not stop the run. Raises
+    CheckpointError when no checkpoint has a usable config, with the
+    checkpoint's own message when the run has one checkpoint.
+    """
+    errors = []
+    for ref in checkpoints:
+        try:
+            if ref.format in CONFIG_FORMATS:
+                check_config(ref.directory)
+            return ref, load_config(ref)
+        except CheckpointError as error:
+            errors.append(str(error))
+        except (OSError, ValueError) as error:
+            errors.append(f"{ref.path}: cannot read the model config ({error_summary(error)})")
+
+    if len(errors) == 1:
+        raise CheckpointError(errors[0])
+    raise CheckpointError(
+        f"{run_dir}: none of the {len(errors)} checkpoints has a usable config, "
+        f"the first error: {errors[0]}"
+    )
 
 
 class OutputDirectoryError(ValueError):
@@ -197,16 +249,24 @@ def analyze_one(
     options: AnalyzeOptions,
     summary: AnalysisSummary,
 ) -> None:
-    """Analyze one checkpoint unless it is finished or claimed by another process."""
+    """Analyze one checkpoint unless it is finished or claimed by another process.
+
+    A failure of the checkpoint itself is recorded and the run goes on. A
+    failure to write the result directory raises OutputDirectoryError, since
+    every later checkpoint would fail the same way.
+    """
     with store.claim_checkpoint(out_dir, ref.step) as claimed:
         if not claimed:
-            logger.info("step %d: being analyzed by another process, skipped", ref.step)
+            holder = store.read_claim_holder(out_dir, ref.step) or "another process"
+            logger.info("step %d: being analyzed by %s, skipped", ref.step, holder)
             summary.skipped.append(ref.step)
             return
+        store.remove_checkpoint_temp_files(out_dir, ref.step)
         if ref.step in store.finished_steps(out_dir) and not options.force:
             logger.info(
                 "step %d: already in %s, skipped (use --force to recompute)", ref.step, out_dir
             )
+            record_finished_if_missing(out_dir, ref)
             summary.skipped.append(ref.step)
             return
 
@@ -215,7 +275,6 @@ def analyze_one(
             metric_rows, spectra_rows, meta = measure_checkpoint(
                 ref, run_name, probe, device, options
             )
-            store.write_checkpoint_tables(out_dir, ref.step, metric_rows, spectra_rows)
         except Exception as error:  # noqa: BLE001 - one bad checkpoint must not stop the run
             message = checkpoint_error_message(ref, error)
             logger.error("%s", message)
@@ -224,22 +283,46 @@ def analyze_one(
             record_checkpoint(out_dir, ref, time.perf_counter() - started, "failed", message, {})
             return
 
+        write_results(out_dir, ref.step, metric_rows, spectra_rows)
         record_checkpoint(out_dir, ref, time.perf_counter() - started, "done", None, meta)
         summary.analyzed.append(ref.step)
+
+
+def write_results(
+    out_dir: Path, step: int, metric_rows: list[dict], spectra_rows: list[dict]
+) -> None:
+    """Write one checkpoint's tables; raise OutputDirectoryError when they cannot be written."""
+    try:
+        store.write_checkpoint_tables(out_dir, step, metric_rows, spectra_rows)
+    except OSError as error:
+        raise OutputDirectoryError(
+            f"{error.filename or out_dir}: cannot write the results of step {step} "
+            f"({error.strerror or error_summary(error)}); free space or choose another --out, "
+            "then run again: finished checkpoints are kept"
+        ) from None
 
 
 def checkpoint_error_message(ref: CheckpointRef, error: Exception) -> str:
     """Format a checkpoint failure as one line naming the checkpoint."""
     if isinstance(error, CheckpointError):
         return str(error)
+    message = f"{ref.path}: {type(error).__name__}: {error_summary(error)}"
+    if isinstance(error, MemoryError | torch.cuda.OutOfMemoryError):
+        message += "; use a smaller --batch-size or fewer --max-tokens"
+    return message
+
+
+def error_summary(error: BaseException) -> str:
+    """Return a library error's message on one line, at most 300 characters."""
     text = " ".join(str(error).split()) or type(error).__name__
-    return f"{ref.path}: {type(error).__name__}: {text}"
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def measure_checkpoint(
     ref: CheckpointRef, run_name: str, probe: Probe, device: torch.device, options: AnalyzeOptions
 ) -> tuple[list[dict], list[dict], dict]:
     """Load one checkpoint, measure it and return its metrics rows, spectra rows and metadata."""
+    check_checkpoint(ref.path, ref.format)
     loaded = load_checkpoint(ref, device, options.dtype)
     points = resolve_ffn_points(loaded.model, loaded.config.model_type, options.ffn_family)
     product_dtype = torch.float64
@@ -254,6 +337,7 @@ def measure_checkpoint(
     )
     layers = compute_layer_results(measurement)
     del loaded.model
+    log_null_reasons(ref.step, layers)
     ffn_dim = points[0].ffn_dim
     if measurement.n_tokens <= ffn_dim:
         logger.warning(
@@ -285,6 +369,16 @@ def measure_checkpoint(
         "dtype": str(loaded.dtype).removeprefix("torch."),
     }
     return build_metric_rows(layers, context), build_spectra_rows(layers, run_name, ref.step), meta
+
+
+def log_null_reasons(step: int, layers: list[LayerResult]) -> None:
+    """Warn once per distinct reason why layers of this checkpoint have null metrics."""
+    reasons: dict[str, int] = {}
+    for result in layers:
+        if result.null_reason is not None:
+            reasons[result.null_reason] = reasons.get(result.null_reason, 0) + 1
+    for reason, count in reasons.items():
+        logger.warning("step %d: metrics of %d layer(s) are null: %s", step, count, reason)
 
 
 def build_metric_rows(layers: list[LayerResult], context: dict) -> list[dict]:
@@ -341,19 +435,44 @@ def nearest_eval_loss(ref: CheckpointRef) -> float | None:
     return float(nearest["eval_loss"])
 
 
+def record_finished_if_missing(out_dir: Path, ref: CheckpointRef) -> None:
+    """Mark a checkpoint done in run.json when its tables exist but its entry does not say so.
+
+    A process killed after writing the metrics file and before updating
+    run.json leaves this state. The entry's ``seconds`` is then unknown (null).
+    """
+    entries = store.read_run_file(out_dir).get("checkpoints", [])
+    if not any(
+        entry.get("step") == ref.step and entry.get("status") == "done" for entry in entries
+    ):
+        logger.info("step %d: tables found without a run.json entry, entry added", ref.step)
+        record_checkpoint(out_dir, ref, None, "done", None, {})
+
+
 def record_checkpoint(
-    out_dir: Path, ref: CheckpointRef, seconds: float, status: str, error: str | None, meta: dict
+    out_dir: Path,
+    ref: CheckpointRef,
+    seconds: float | None,
+    status: str,
+    error: str | None,
+    meta: dict,
 ) -> None:
-    """Replace this checkpoint's status entry in run.json and store the model metadata."""
+    """Replace this checkpoint's status entry in run.json and store the model metadata.
+
+    ``host`` and ``pid`` name the process that wrote the entry, so a run
+    split across jobs shows which job analyzed each checkpoint.
+    """
     with store.locked_run_file(out_dir) as info:
         entries = [entry for entry in info.get("checkpoints", []) if entry.get("step") != ref.step]
         entries.append(
             {
                 "step": ref.step,
                 "path": ref.relative,
-                "seconds": round(seconds, 3),
+                "seconds": None if seconds is None else round(seconds, 3),
                 "status": status,
                 "error": error,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
             }
         )
         info["checkpoints"] = sorted(entries, key=lambda entry: entry["step"])
