@@ -18,6 +18,7 @@ import os
 import platform
 import signal
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -27,6 +28,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from nerve_cli import __version__, store
 from nerve_cli.architectures import FFNFamily, resolve_ffn_points
@@ -124,15 +126,30 @@ def analyze_run(
     summary = AnalysisSummary(out_dir=out_dir, run_name=run_name)
     progress = tqdm(checkpoints, desc=run_name, unit="ckpt", disable=not options.show_progress)
     try:
-        for ref in progress:
-            progress.set_postfix(step=ref.step)
-            analyze_one(ref, out_dir, run_name, probe, device, options, summary)
+        with logs_above_progress_bars():
+            for ref in progress:
+                progress.set_postfix(step=ref.step)
+                analyze_one(ref, out_dir, run_name, probe, device, options, summary)
     except KeyboardInterrupt as interrupt:
         progress.close()
         terminated = isinstance(interrupt, TerminationRequested)
         signal_number = signal.SIGTERM if terminated else signal.SIGINT
         raise AnalysisInterrupted(out_dir, len(summary.analyzed), signal_number) from None
     return summary
+
+
+def logs_above_progress_bars() -> contextlib.AbstractContextManager:
+    """Route console log lines through ``tqdm.write`` so no error is glued to a progress bar.
+
+    Only a console handler that the entry point configured is replaced.
+    Without one, nothing changes, so callers that capture logs keep them.
+    """
+    console_streams = (sys.stdout, sys.stderr)
+    has_console = any(
+        isinstance(handler, logging.StreamHandler) and handler.stream in console_streams
+        for handler in logging.getLogger().handlers
+    )
+    return logging_redirect_tqdm() if has_console else contextlib.nullcontext()
 
 
 def check_output_writable(out_dir: Path) -> None:
