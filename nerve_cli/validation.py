@@ -139,8 +139,8 @@ def _is_known_model_type(model_type: object) -> bool:
 
 
 def read_json_object(path: Path) -> dict[str, Any]:
-    """Read a JSON file that must hold an object; raise CheckpointError naming the file."""
-    check_not_placeholder(path)
+    """Read a JSON file that must contain an object; raise CheckpointError naming the file."""
+    check_not_placeholder(path, "JSON")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
@@ -244,8 +244,11 @@ def check_weight_file(path: Path) -> set[str] | None:
     )
 
 
-def check_not_placeholder(path: Path) -> None:
-    """Raise CheckpointError when a file is empty, a Git LFS pointer, HTML, or all zero bytes."""
+def check_not_placeholder(path: Path, content: str = "weights") -> None:
+    """Raise CheckpointError when a file is empty, a Git LFS pointer, HTML, or all zero bytes.
+
+    ``content`` names what the file should contain, for the message.
+    """
     size = path.stat().st_size
     if size == 0:
         raise CheckpointError(
@@ -256,12 +259,12 @@ def check_not_placeholder(path: Path) -> None:
 
     if start.startswith(LFS_POINTER_PREFIX):
         raise CheckpointError(
-            f"{path}: Git LFS pointer, not weights ({size} bytes of text); "
+            f"{path}: Git LFS pointer, not {content} ({size} bytes of text); "
             "run 'git lfs pull' in the repository it came from"
         )
     if start.lstrip()[:15].lower().startswith((b"<!doctype html", b"<html")):
         raise CheckpointError(
-            f"{path}: HTML page, not weights; the download failed, download the file again"
+            f"{path}: HTML page, not {content}; the download failed, download the file again"
         )
     if start.count(0) == len(start):
         raise CheckpointError(

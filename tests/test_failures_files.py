@@ -394,6 +394,14 @@ def test_trainer_state_files_ignored(checkpoint, tmp_path):
 # Case 7: config.json missing, not JSON, or naming an unknown model_type.
 
 
+def test_lfs_pointer_config_named(checkpoint):
+    (checkpoint / "config.json").write_text(LFS_POINTER)
+
+    message = validation_message(checkpoint)
+
+    assert message.startswith(f"{checkpoint / 'config.json'}: Git LFS pointer, not JSON")
+
+
 def test_missing_config_named(checkpoint):
     (checkpoint / "config.json").unlink()
 
