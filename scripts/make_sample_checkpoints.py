@@ -275,7 +275,7 @@ def train_run(
     )
 
     def epoch_at(step: int) -> float:
-        # Fraction of the training text seen, counting sampled tokens (windows may overlap).
+        # Passes over the training split, counted in sampled tokens (windows may overlap).
         return round(step * tokens_per_step / train_ids.numel(), 4)
 
     def checkpoint(step: int) -> float:
