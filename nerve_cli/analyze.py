@@ -238,15 +238,14 @@ def measure_checkpoint(
     """Load one checkpoint, measure it and return its metrics rows, spectra rows and metadata."""
     loaded = load_checkpoint(ref.path, device, options.dtype)
     points = resolve_ffn_points(loaded.model, loaded.config.model_type)
-    product_dtype = torch.float64
     measurement = measure_model(
         loaded.model,
         points,
         probe,
         options.batch_size,
         loaded.is_causal_lm,
-        product_dtype,
-        options.show_progress,
+        product_dtype=None,
+        show_progress=options.show_progress,
     )
     layers = compute_layer_results(measurement)
     del loaded.model
