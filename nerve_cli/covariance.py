@@ -245,12 +245,30 @@ class LinearMapCovariance:
         ``[d_in, d_in]`` matrix ``B^T B``; the other ``D - d_in`` are exactly
         zero. This replaces one ``D x D`` solve by two ``d_in x d_in`` ones.
         """
-        input_values, input_vectors = torch.linalg.eigh(self.inputs.covariance())
-        root = input_vectors * input_values.clamp(min=0).sqrt()  # [d_in, d_in]
-        mapped = self.weight @ root  # [D, d_in]
-        values = torch.linalg.eigvalsh(mapped.T @ mapped)  # [min(D, d_in)]
-        zeros = values.new_zeros(self.dim - values.shape[0])
-        return torch.cat([zeros, values]).sort().values
+        if self.inputs.dim >= self.dim:
+            return _solve_symmetric(self.covariance()[None])[0]  # no smaller problem exists
+        input_covariance = self.inputs.covariance()  # [d_in, d_in]
+        try:
+            return _linear_map_eigenvalues(self.weight, input_covariance)
+        except (RuntimeError, torch.linalg.LinAlgError) as error:
+            if self.device.type == "cpu":
+                raise
+            logger.warning(
+                "eigenvalue solve failed on %s (%s); retrying on the CPU in float64",
+                self.device,
+                error,
+            )
+            return _linear_map_eigenvalues(self.weight.cpu(), input_covariance.cpu())
+
+
+def _linear_map_eigenvalues(weight: torch.Tensor, input_covariance: torch.Tensor) -> torch.Tensor:
+    """Return the eigenvalues of ``W C W^T`` (ascending) from those of ``[d_in, d_in]`` problems."""
+    input_values, input_vectors = torch.linalg.eigh(input_covariance)
+    root = input_vectors * input_values.clamp(min=0).sqrt()  # [d_in, d_in]
+    mapped = weight @ root  # [D, d_in]
+    values = torch.linalg.eigvalsh(mapped.T @ mapped)  # [d_in]
+    zeros = values.new_zeros(weight.shape[0] - values.shape[0])
+    return torch.cat([zeros, values]).sort().values
 
 
 # Anything with ``update``, ``covariance()``, ``count``, ``finite``, ``dim`` and ``device``.

@@ -72,18 +72,11 @@ def measure_model(
     None for models that are not causal LMs.
     """
     device = next(model.parameters()).device
-    product_dtype = product_dtype or default_product_dtype(device)
-    modules = dict(model.named_modules())
-    layers = [
-        LayerAccumulators(
-            point=point,
-            pre=build_pre_accumulator(modules[point.pre_module], point, device, product_dtype),
-            post=StreamingCovariance(point.ffn_dim, device, product_dtype),
-        )
-        for point in points
-    ]
+    layers = build_layer_accumulators(model, points, device, product_dtype)
     tokens = TokenMask()
-    loss_sum, loss_count = 0.0, 0
+    # The loss sum stays on the device, so no batch waits for the previous one.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    loss_count = 0
 
     token_ids = torch.from_numpy(probe.token_ids)  # [S, T]
     batches = torch.split(token_ids, batch_size)
@@ -95,13 +88,31 @@ def measure_model(
             batch = batch.to(device)  # [B, T]
             output = model(input_ids=batch)
             if causal_lm:
-                batch_loss, batch_count = next_token_loss(output.logits, batch)
-                loss_sum += batch_loss
-                loss_count += batch_count
+                loss_sum += summed_next_token_loss(output.logits, batch)
+                loss_count += batch[:, 1:].numel()
 
     _check_hooks_fired(layers, len(batches))
-    probe_loss = loss_sum / loss_count if causal_lm and loss_count else None
+    probe_loss = float(loss_sum) / loss_count if causal_lm and loss_count else None
     return Measurement(layers=layers, n_tokens=layers[0].pre.count, probe_loss=probe_loss)
+
+
+def build_layer_accumulators(
+    model: nn.Module,
+    points: list[FFNPoint],
+    device: torch.device,
+    product_dtype: torch.dtype | None,
+) -> list[LayerAccumulators]:
+    """Create the pre and post accumulators of every FFN block on ``device``."""
+    product_dtype = product_dtype or default_product_dtype(device)
+    modules = dict(model.named_modules())
+    return [
+        LayerAccumulators(
+            point=point,
+            pre=build_pre_accumulator(modules[point.pre_module], point, device, product_dtype),
+            post=StreamingCovariance(point.ffn_dim, device, product_dtype),
+        )
+        for point in points
+    ]
 
 
 def build_pre_accumulator(
@@ -148,12 +159,17 @@ def linear_map_of(
 
 def next_token_loss(logits: torch.Tensor, token_ids: torch.Tensor) -> tuple[float, int]:
     """Return the summed next-token cross-entropy (nats) of a batch and the count of targets."""
+    return float(summed_next_token_loss(logits, token_ids)), int(token_ids[:, 1:].numel())
+
+
+def summed_next_token_loss(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Return the summed next-token cross-entropy (nats) of a batch as a float64 scalar tensor."""
     predictions = logits[:, :-1, :].float()  # [B, T-1, V]
     targets = token_ids[:, 1:]  # [B, T-1]
     total = F.cross_entropy(
         predictions.reshape(-1, predictions.shape[-1]), targets.reshape(-1), reduction="sum"
     )
-    return float(total.double()), int(targets.numel())
+    return total.double()
 
 
 def _check_hooks_fired(layers: list[LayerAccumulators], n_batches: int) -> None:
