@@ -40,6 +40,7 @@ def best_time(function, repeats: int = 5) -> float:
 def time_products() -> dict[str, float]:
     rows = torch.randn(ROWS, FFN_DIM) + 3  # [n, D]
     rows64 = rows.double()
+    inputs = rows[:, :HIDDEN].contiguous()  # [n, d_in], the up projection's input
     accumulator = torch.zeros(FFN_DIM, FFN_DIM, dtype=torch.float64)
     product = torch.randn(FFN_DIM, FFN_DIM)
     correction = torch.randn(FFN_DIM, 2, dtype=torch.float64)
@@ -62,7 +63,7 @@ def time_products() -> dict[str, float]:
             lambda: accumulator.addmm_(correction, correction.T)
         ),
         "pre input product (width 384), ssyrk": best_time(
-            lambda: blas.ssyrk(1.0, rows[:, :HIDDEN].contiguous().numpy().T, lower=1)
+            lambda: blas.ssyrk(1.0, inputs.numpy().T, lower=1)
         ),
     }
 
@@ -94,7 +95,14 @@ def time_checkpoint_load() -> dict[str, float]:
     with tempfile.TemporaryDirectory() as work:
         checkpoint = Path(work) / "checkpoint-0"
         config = GPT2Config(
-            n_layer=6, n_embd=HIDDEN, n_inner=FFN_DIM, n_head=6, n_positions=512, vocab_size=512
+            n_layer=6,
+            n_embd=HIDDEN,
+            n_inner=FFN_DIM,
+            n_head=6,
+            n_positions=512,
+            vocab_size=512,
+            bos_token_id=0,
+            eos_token_id=0,
         )
         GPT2LMHeadModel(config).save_pretrained(checkpoint)
         seconds = best_time(

@@ -14,12 +14,14 @@ matrix product. On other devices it is a full ``torch`` matrix product.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 from scipy.linalg import blas
+from threadpoolctl import ThreadpoolController
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +135,8 @@ class StreamingCovariance:
         # array.T is the Fortran-order [D, n] matrix A, so syrk returns A A^T
         # in Fortran order. Its lower triangle becomes the upper triangle of
         # the C-order view taken below.
-        product = syrk(1.0, array.T, trans=0, lower=1)  # [D, D], Fortran order
+        with _blas_controller().limit(limits=1):
+            product = syrk(1.0, array.T, trans=0, lower=1)  # [D, D], Fortran order
         return torch.from_numpy(product.T)  # [D, D], C order
 
     def _check_finite(self, batch_sum: torch.Tensor, product: torch.Tensor) -> bool:
@@ -269,6 +272,18 @@ def _linear_map_eigenvalues(weight: torch.Tensor, input_covariance: torch.Tensor
     values = torch.linalg.eigvalsh(mapped.T @ mapped)  # [d_in]
     zeros = values.new_zeros(weight.shape[0] - values.shape[0])
     return torch.cat([zeros, values]).sort().values
+
+
+@functools.cache
+def _blas_controller() -> ThreadpoolController:
+    """Return a controller of the BLAS libraries loaded with numpy and scipy (OpenBLAS).
+
+    ``syrk`` runs on one OpenBLAS thread because idle OpenBLAS threads keep
+    spinning for a while after each call and so slow the forward pass that
+    follows on the same cores. On the 2-core machine in BENCHMARKS.md that
+    cost more than the second thread saved.
+    """
+    return ThreadpoolController().select(user_api="blas")
 
 
 # Anything with ``update``, ``covariance()``, ``count``, ``finite``, ``dim`` and ``device``.
