@@ -342,15 +342,14 @@ def measure_checkpoint(
     check_checkpoint(ref.path, ref.format)
     loaded = load_checkpoint(ref, device, options.dtype)
     points = resolve_ffn_points(loaded.model, loaded.config.model_type, options.ffn_family)
-    product_dtype = torch.float64
     measurement = measure_model(
         loaded.model,
         points,
         probe,
         options.batch_size,
         loaded.is_causal_lm,
-        product_dtype,
-        options.show_progress,
+        product_dtype=None,
+        show_progress=options.show_progress,
     )
     layers = compute_layer_results(measurement)
     del loaded.model

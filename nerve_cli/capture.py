@@ -5,6 +5,10 @@ Hooks are global state on the model, so they live only inside
 the forward pass raises. Each hook reduces its activation into the
 accumulator at once, so in-place operations later in the block cannot change
 what was measured, and no activation outlives the hook call.
+
+The pre point is fed either the pre module's output or, when its accumulator
+is a :class:`~nerve_cli.covariance.LinearMapCovariance`, the module's input,
+from which the covariance of the output follows exactly.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import torch
 from torch import nn
 
 from nerve_cli.architectures import FFNPoint
-from nerve_cli.covariance import StreamingCovariance
+from nerve_cli.covariance import CovarianceAccumulator, LinearMapCovariance
 
 
 @dataclass
@@ -39,12 +43,25 @@ class TokenMask:
 
 @dataclass
 class LayerAccumulators:
-    """The pre and post covariance accumulators of one FFN block."""
+    """The pre and post covariance accumulators of one FFN block.
+
+    A :class:`LinearMapCovariance` as ``pre`` is fed the input of the pre
+    module, any other accumulator its output.
+    """
 
     point: FFNPoint
-    pre: StreamingCovariance
-    post: StreamingCovariance
+    pre: CovarianceAccumulator
+    post: CovarianceAccumulator
     calls: dict[str, int] = field(default_factory=lambda: {"pre": 0, "post": 0})
+
+
+def _pre_input_hook_fn(accumulators: LayerAccumulators, tokens: TokenMask):
+    def hook(module: nn.Module, inputs) -> None:
+        activations = inputs[0]  # [B, T, d_in], what the pre module receives
+        accumulators.pre.update(tokens.select(activations.detach()))
+        accumulators.calls["pre"] += 1
+
+    return hook
 
 
 def _pre_hook_fn(accumulators: LayerAccumulators, tokens: TokenMask):
@@ -80,7 +97,11 @@ def capture_ffn_activations(
         for layer in accumulators:
             pre_module = modules[layer.point.pre_module]
             post_module = modules[layer.point.post_module]
-            handles.append(pre_module.register_forward_hook(_pre_hook_fn(layer, tokens)))
+            if isinstance(layer.pre, LinearMapCovariance):
+                hook = pre_module.register_forward_pre_hook(_pre_input_hook_fn(layer, tokens))
+            else:
+                hook = pre_module.register_forward_hook(_pre_hook_fn(layer, tokens))
+            handles.append(hook)
             handles.append(post_module.register_forward_pre_hook(_post_hook_fn(layer, tokens)))
         yield
     finally:

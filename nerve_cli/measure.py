@@ -21,7 +21,13 @@ from tqdm.auto import tqdm
 from nerve_cli import metrics
 from nerve_cli.architectures import FFNPoint
 from nerve_cli.capture import LayerAccumulators, TokenMask, capture_ffn_activations
-from nerve_cli.covariance import StreamingCovariance, compute_eigenvalues
+from nerve_cli.covariance import (
+    CovarianceAccumulator,
+    LinearMapCovariance,
+    StreamingCovariance,
+    compute_covariance_eigenvalues,
+    default_product_dtype,
+)
 from nerve_cli.probe import Probe
 
 logger = logging.getLogger(__name__)
@@ -54,27 +60,23 @@ def measure_model(
     probe: Probe,
     batch_size: int,
     causal_lm: bool,
-    product_dtype: torch.dtype = torch.float64,
+    product_dtype: torch.dtype | None = None,
     show_progress: bool = True,
 ) -> Measurement:
     """Stream the probe through ``model`` in batches and accumulate FFN covariances.
 
-    The probe loss is the mean next-token cross-entropy (nats) over every
+    The accumulators live on the model's device; ``product_dtype`` None takes
+    :func:`~nerve_cli.covariance.default_product_dtype` for that device. The
+    probe loss is the mean next-token cross-entropy (nats) over every
     predicted position of every sequence, from the same forward passes; it is
     None for models that are not causal LMs.
     """
     device = next(model.parameters()).device
-    accumulator_device = device
-    layers = [
-        LayerAccumulators(
-            point=point,
-            pre=StreamingCovariance(point.ffn_dim, accumulator_device, product_dtype),
-            post=StreamingCovariance(point.ffn_dim, accumulator_device, product_dtype),
-        )
-        for point in points
-    ]
+    layers = build_layer_accumulators(model, points, device, product_dtype)
     tokens = TokenMask()
-    loss_sum, loss_count = 0.0, 0
+    # The loss sum stays on the device, so no batch waits for the previous one.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    loss_count = 0
 
     token_ids = torch.from_numpy(probe.token_ids)  # [S, T]
     batches = torch.split(token_ids, batch_size)
@@ -86,23 +88,88 @@ def measure_model(
             batch = batch.to(device)  # [B, T]
             output = model(input_ids=batch)
             if causal_lm:
-                batch_loss, batch_count = next_token_loss(output.logits, batch)
-                loss_sum += batch_loss
-                loss_count += batch_count
+                loss_sum += summed_next_token_loss(output.logits, batch)
+                loss_count += batch[:, 1:].numel()
 
     _check_hooks_fired(layers, len(batches))
-    probe_loss = loss_sum / loss_count if causal_lm and loss_count else None
+    probe_loss = float(loss_sum) / loss_count if causal_lm and loss_count else None
     return Measurement(layers=layers, n_tokens=layers[0].pre.count, probe_loss=probe_loss)
+
+
+def build_layer_accumulators(
+    model: nn.Module,
+    points: list[FFNPoint],
+    device: torch.device,
+    product_dtype: torch.dtype | None,
+) -> list[LayerAccumulators]:
+    """Create the pre and post accumulators of every FFN block on ``device``."""
+    product_dtype = product_dtype or default_product_dtype(device)
+    modules = dict(model.named_modules())
+    return [
+        LayerAccumulators(
+            point=point,
+            pre=build_pre_accumulator(modules[point.pre_module], point, device, product_dtype),
+            post=StreamingCovariance(point.ffn_dim, device, product_dtype),
+        )
+        for point in points
+    ]
+
+
+def build_pre_accumulator(
+    module: nn.Module, point: FFNPoint, device: torch.device, product_dtype: torch.dtype
+) -> CovarianceAccumulator:
+    """Return the accumulator of a block's pre point.
+
+    When the pre module is exactly ``nn.Linear`` or transformers' ``Conv1D``
+    (not a subclass, which may quantize or add adapters) and its input is
+    narrower than the FFN, the covariance is accumulated from the input and
+    mapped through the weight (see :class:`LinearMapCovariance`). Otherwise
+    the module's output is accumulated directly.
+    """
+    weight_and_bias = linear_map_of(module, point.pre_columns)
+    if weight_and_bias is not None:
+        weight, bias = weight_and_bias  # weight: [D, d_in]
+        if weight.shape == (point.ffn_dim, weight.shape[1]) and weight.shape[1] < point.ffn_dim:
+            return LinearMapCovariance(weight, bias, device, product_dtype)
+    return StreamingCovariance(point.ffn_dim, device, product_dtype)
+
+
+def linear_map_of(
+    module: nn.Module, columns: tuple[int, int] | None
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """Return ``(W [out, in], b)`` with ``output = input W^T + b``, or None for other modules.
+
+    ``columns`` keeps the ``[start, stop)`` outputs of a fused projection.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    if type(module) is nn.Linear:
+        weight, bias = module.weight, module.bias  # weight: [out, in]
+    elif type(module) is Conv1D:
+        weight, bias = module.weight.T, module.bias  # Conv1D stores [in, out]
+    else:
+        return None
+    if weight.device.type == "meta" or not weight.is_floating_point():
+        return None
+    if columns is not None:
+        weight = weight[columns[0] : columns[1]]
+        bias = None if bias is None else bias[columns[0] : columns[1]]
+    return weight, bias
 
 
 def next_token_loss(logits: torch.Tensor, token_ids: torch.Tensor) -> tuple[float, int]:
     """Return the summed next-token cross-entropy (nats) of a batch and the count of targets."""
+    return float(summed_next_token_loss(logits, token_ids)), int(token_ids[:, 1:].numel())
+
+
+def summed_next_token_loss(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Return the summed next-token cross-entropy (nats) of a batch as a float64 scalar tensor."""
     predictions = logits[:, :-1, :].float()  # [B, T-1, V]
     targets = token_ids[:, 1:]  # [B, T-1]
     total = F.cross_entropy(
         predictions.reshape(-1, predictions.shape[-1]), targets.reshape(-1), reduction="sum"
     )
-    return float(total.double()), int(targets.numel())
+    return total.double()
 
 
 def _check_hooks_fired(layers: list[LayerAccumulators], n_batches: int) -> None:
@@ -132,10 +199,8 @@ def compute_layer_results(measurement: Measurement) -> list[LayerResult]:
             for layer in measurement.layers
         ]
 
-    covariances = [
-        acc.covariance() for layer in measurement.layers for acc in (layer.pre, layer.post)
-    ]
-    spectra = compute_eigenvalues(covariances)
+    accumulators = [acc for layer in measurement.layers for acc in (layer.pre, layer.post)]
+    spectra = compute_covariance_eigenvalues(accumulators)
     return [
         _layer_result(layer.point.layer, layer.point.ffn_dim, spectra[2 * i], spectra[2 * i + 1])
         for i, layer in enumerate(measurement.layers)
