@@ -216,6 +216,10 @@ class LinearMapCovariance:
         self.dim = self.weight.shape[0]
         self.product_dtype = product_dtype
         self.inputs = StreamingCovariance(self.weight.shape[1], self.device, product_dtype)
+        # A NaN or Inf weight or bias makes the outputs non-finite even when the inputs are finite.
+        self.parameters_finite = bool(torch.isfinite(self.weight).all()) and (
+            self.bias is None or bool(torch.isfinite(self.bias).all())
+        )
 
     @property
     def count(self) -> int:
@@ -223,7 +227,7 @@ class LinearMapCovariance:
 
     @property
     def finite(self) -> bool:
-        return self.inputs.finite
+        return self.parameters_finite and self.inputs.finite
 
     @property
     def mean(self) -> torch.Tensor:
