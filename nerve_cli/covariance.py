@@ -324,10 +324,11 @@ def compute_covariance_eigenvalues(
     A :class:`LinearMapCovariance` is solved through its input covariance.
     For the others, only a few covariance matrices exist at a time. On a GPU
     that is as many as fit in half the free memory, solved in one batched
-    call. On the CPU it is one, solved with a single intra-op thread: on the
-    machine in BENCHMARKS.md that is faster than two threads for matrices of
-    this size, because the tridiagonal reduction synchronises threads once per
-    column.
+    call. On the CPU it is one, solved with a single intra-op thread. On the
+    2-core machine in BENCHMARKS.md that took 0.25 s for D = 1536 against
+    0.16 s with two threads when idle, but two threads took 2 to 3 s when
+    other processes shared the cores, because the tridiagonal reduction
+    synchronises the threads once per column.
     """
     results: list[np.ndarray | None] = [None] * len(accumulators)
     direct = [i for i, acc in enumerate(accumulators) if not isinstance(acc, LinearMapCovariance)]
