@@ -501,17 +501,7 @@ def summarize_last_step(out_dir: Path) -> pd.DataFrame:
         metrics = store.load_results(out_dir).metrics
         if not metrics.empty:
             last = metrics[metrics["step"] == metrics["step"].max()]
-            columns = [
-                "step",
-                "layer",
-                "se_pre",
-                "se_post",
-                "pr_pre",
-                "pr_post",
-                "eee_pre",
-                "eee_post",
-                "js",
-                "pr_gain",
-            ]
+            # The measured metrics and pr_gain; eee_delta and se_delta follow from them.
+            columns = ["step", "layer", *store.METRIC_COLUMNS[:8]]
             return last[columns].reset_index(drop=True)
     return pd.DataFrame()

@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from nerve_cli import architectures, metrics
+from nerve_cli import architectures, metrics, store
 from nerve_cli.architectures import (
     FAMILIES,
     UnsupportedModelError,
@@ -38,18 +38,7 @@ from .tiny_families import (
     save_token_ids,
 )
 
-METRIC_NAMES = [
-    "se_pre",
-    "se_post",
-    "pr_pre",
-    "pr_post",
-    "eee_pre",
-    "eee_post",
-    "js",
-    "pr_gain",
-    "eee_delta",
-    "se_delta",
-]
+METRIC_NAMES = store.METRIC_COLUMNS
 
 
 def analyze(runner, run_dir, out_dir, probe, *extra):
