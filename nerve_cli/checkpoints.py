@@ -146,7 +146,7 @@ def _scan_children(run_dir: Path, scan: RunScan) -> list[CheckpointRef]:
 def _directory_checkpoint(
     directory: Path, step: int, relative: str, scan: RunScan
 ) -> list[CheckpointRef]:
-    """Return the checkpoint a directory holds (none when it is skipped)."""
+    """Return the checkpoint in a directory (none when it is skipped)."""
     reason = formats.adapter_only_reason(directory)
     if reason:
         scan.skipped.append(SkippedCheckpoint(relative, reason))
@@ -198,7 +198,7 @@ def _nanogpt_checkpoint(path: Path, fallback_step: int, relative: str) -> Checkp
 
 
 def _scan_run_as_checkpoint(run_dir: Path, scan: RunScan) -> list[CheckpointRef]:
-    """Treat the run directory as one checkpoint when it holds a config.json or a ckpt.pt."""
+    """Treat the run directory as one checkpoint when it contains a config.json or a ckpt.pt."""
     is_hf = (run_dir / formats.CONFIG_FILE).is_file()
     is_nanogpt = (run_dir / formats.NANOGPT_FILE).is_file()
     is_adapter = any((run_dir / name).is_file() for name in formats.ADAPTER_FILES)

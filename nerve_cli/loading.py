@@ -29,8 +29,10 @@ from nerve_cli.weights import check_loading_info, read_pickle_directory, read_we
 
 logger = logging.getLogger(__name__)
 
-# Checked before transformers is imported anywhere in nerve, so the hub client
-# starts offline whatever the user's environment says.
+# Set when this module is imported, before nerve imports transformers (nerve
+# imports it only inside functions), so the hub client starts offline whatever
+# the environment contains. Every call also passes local_files_only=True, which
+# covers programs that imported transformers first.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 

@@ -105,7 +105,7 @@ def early_enrichment(eigenvalues: np.ndarray) -> float:
 
     With eigenvalues sorted descending and ``c_k = p_1 + ... + p_k``:
     ``EEE = sum_{k=1..D} (c_k - k/D) / (D/2)``, clipped to ``[0, 1]``. It is 0
-    for a flat spectrum and approaches 1 when one direction holds all variance.
+    for a flat spectrum and approaches 1 when one direction carries all variance.
     """
     p = np.sort(normalize_spectrum(eigenvalues))[::-1]
     d = p.size

@@ -88,7 +88,7 @@ class ResultDirectoryError(ValueError):
 
 
 def checkpoint_file_name(step: int) -> str:
-    """Return the Parquet file name that holds one checkpoint's rows."""
+    """Return the Parquet file name that contains one checkpoint's rows."""
     return f"step-{step:012d}.parquet"
 
 
