@@ -120,6 +120,7 @@ def analyze_run(
     resolve_planned_layout(config_ref, config, options.ffn_family)
     probe = prepare_probe(probe_source, config_ref, config, options)
     check_output_writable(out_dir)
+    check_probe_matches(out_dir, probe, checkpoints, options.force)
     store.remove_stale_temp_files(out_dir)
     record_run_metadata(out_dir, run_name, run_dir, probe, device)
 
@@ -225,6 +226,42 @@ def prepare_probe(
     )
 
 
+class ProbeMismatchError(ValueError):
+    """Raised when a result directory holds checkpoints measured with another probe."""
+
+
+def probe_identity(probe: dict) -> tuple:
+    """Return the fields that make two probes the same: file sha256 and token layout."""
+    return tuple(probe.get(key) for key in ("sha256", "n_sequences", "seq_len", "n_tokens"))
+
+
+def check_probe_matches(
+    out_dir: Path, probe: Probe, checkpoints: list[CheckpointRef], force: bool
+) -> None:
+    """Stop before any write when finished checkpoints in ``out_dir`` used another probe.
+
+    Mixing probes in one result directory would make steps incomparable, since
+    SE and PR are capped by the token count. ``--force`` is accepted only when
+    it recomputes every finished checkpoint with the new probe.
+    """
+    if not (out_dir / store.RUN_FILE).exists():
+        return
+    previous = store.read_run_file(out_dir).get("probe") or {}
+    finished = store.finished_steps(out_dir)
+    if not finished or not previous or probe_identity(previous) == probe_identity(probe.describe()):
+        return
+    if force and finished <= {ref.step for ref in checkpoints}:
+        return
+
+    raise ProbeMismatchError(
+        f"{out_dir}: holds {len(finished)} checkpoint(s) measured with probe "
+        f"{previous.get('name')} (sha256 {str(previous.get('sha256'))[:12]}, "
+        f"{previous.get('n_tokens')} tokens in rows of {previous.get('seq_len')}), but this run "
+        f"uses {probe.name} (sha256 {probe.sha256[:12]}, {probe.n_tokens} tokens in rows of "
+        f"{probe.seq_len}); choose another --out, or add --force to recompute every checkpoint"
+    )
+
+
 def record_run_metadata(
     out_dir: Path, run_name: str, run_dir: Path, probe: Probe, device: torch.device
 ) -> None:
@@ -232,13 +269,6 @@ def record_run_metadata(
     import transformers
 
     with store.locked_run_file(out_dir) as info:
-        previous_sha = info.get("probe", {}).get("sha256")
-        if previous_sha and previous_sha != probe.sha256:
-            logger.warning(
-                "%s was analyzed with another probe (sha256 %s); use a new --out or --force",
-                out_dir,
-                previous_sha[:12],
-            )
         info.update(
             {
                 "run": run_name,

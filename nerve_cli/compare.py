@@ -231,23 +231,31 @@ def check_probes(
 ) -> list[str]:
     """Raise ComparisonError when runs used different probes, unless ``allow_mismatch``.
 
-    Runs are compared by the probe's sha256 in run.json. Returns a note when
-    the mismatch is allowed.
+    Runs are compared by the probe entry of run.json: the sha256 of the probe
+    file, the number of tokens and the sequence length, since SE and PR are
+    capped by the token count. Returns a note when the mismatch is allowed.
     """
-    checksums = [(run.info.get("probe") or {}).get("sha256") for run in results]
-    if len(set(checksums)) <= 1:
+    signatures = [describe_probe(run.info.get("probe") or {}) for run in results]
+    if len(set(signatures)) <= 1:
         return []
 
-    described = ", ".join(
-        f"{label}: {checksum[:12] if checksum else 'unknown'}"
-        for label, checksum in zip(labels, checksums, strict=True)
+    described = "; ".join(
+        f"{label}: {signature}" for label, signature in zip(labels, signatures, strict=True)
     )
     if not allow_mismatch:
         raise ComparisonError(
-            f"runs were analyzed with different probes (sha256 {described}); re-run 'nerve "
-            "analyze' with the same --probe, or pass --allow-probe-mismatch to compare anyway"
+            f"runs were analyzed with different probes ({described}); re-run 'nerve "
+            "analyze' with the same --probe and --max-tokens, or pass --allow-probe-mismatch "
+            "to compare anyway"
         )
-    return [f"runs were analyzed with different probes (sha256 {described}); compared anyway"]
+    return [f"runs were analyzed with different probes ({described}); compared anyway"]
+
+
+def describe_probe(probe: Mapping) -> str:
+    """Return the probe identity of a run: sha256 prefix, token count and sequence length."""
+    checksum = probe.get("sha256")
+    prefix = checksum[:12] if checksum else "unknown"
+    return f"sha256 {prefix}, {probe.get('n_tokens')} tokens in rows of {probe.get('seq_len')}"
 
 
 def describe_missing_means(means: Mapping[str, pd.DataFrame], metrics: Sequence[str]) -> list[str]:

@@ -273,3 +273,42 @@ def test_sample_run_end_to_end(runner, tmp_path):
     by_step = metrics.groupby("step")["probe_loss"].first()
     assert by_step[steps[-1]] < by_step[steps[0]] - 1.0
     assert info["probe"]["n_tokens"] == 8192
+
+
+def test_rerun_with_other_probe_is_rejected(runner, tiny_run, token_probe, tmp_path):
+    out = tmp_path / "out"
+    run_analyze(runner, tiny_run, out, token_probe)
+    before = (out / "run.json").read_text()
+    other = tmp_path / "other.npy"
+    np.save(other, np.random.default_rng(9).integers(0, 100, size=(4, 32)))
+
+    result = run_analyze(runner, tiny_run, out, other)
+
+    assert result.exit_code == 2
+    assert "measured with probe probe" in result.output
+    assert "choose another --out, or add --force" in result.output
+    assert (out / "run.json").read_text() == before
+
+
+def test_force_recomputes_with_other_probe(runner, tiny_run, token_probe, tmp_path):
+    out = tmp_path / "out"
+    run_analyze(runner, tiny_run, out, token_probe)
+    other = tmp_path / "other.npy"
+    np.save(other, np.random.default_rng(9).integers(0, 100, size=(4, 32)))
+
+    result = run_analyze(runner, tiny_run, out, other, "--force")
+
+    assert result.exit_code == 0, result.output
+    assert pd.read_parquet(out / "metrics")["n_tokens"].unique().tolist() == [4 * 32]
+    assert json.loads((out / "run.json").read_text())["probe"]["n_tokens"] == 4 * 32
+
+
+def test_force_on_some_steps_with_other_probe_is_rejected(runner, tiny_run, token_probe, tmp_path):
+    out = tmp_path / "out"
+    run_analyze(runner, tiny_run, out, token_probe)
+    other = tmp_path / "other.npy"
+    np.save(other, np.random.default_rng(9).integers(0, 100, size=(4, 32)))
+
+    result = run_analyze(runner, tiny_run, out, other, "--force", "--steps", "10")
+
+    assert result.exit_code == 2

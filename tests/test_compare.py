@@ -373,6 +373,16 @@ def test_probe_mismatch_allowed_with_note():
     assert len(comparison.layer_means) == 2
 
 
+def test_probe_token_count_mismatch_rejected():
+    run_a = make_results("a", grid((0, 1), 2))
+    run_b = make_results("b", grid((0, 1), 2))
+    run_a.info["probe"].update({"n_tokens": 65536, "seq_len": 512})
+    run_b.info["probe"].update({"n_tokens": 1024, "seq_len": 512})
+
+    with pytest.raises(ComparisonError, match="65536 tokens .* 1024 tokens"):
+        compare_runs([run_a, run_b], ["se_pre"])
+
+
 def test_layer_count_mismatch_compares_means_only():
     run_a = make_results("a", grid((0, 1), 3, se_pre=lambda s, layer: float(layer)))
     run_b = make_results("b", grid((0, 1), 4, se_pre=lambda s, layer: float(layer)))
