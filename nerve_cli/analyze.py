@@ -111,6 +111,12 @@ def analyze_run(
         discover_checkpoints(run_dir), list(options.steps) if options.steps else None
     )
     run_name = options.run_name or run_dir.resolve().name
+    if options.run_name is not None and (
+        not run_name.strip() or "/" in run_name or run_name in {".", ".."}
+    ):
+        raise ValueError(
+            f"--run-name {run_name!r}: invalid run name; use a name without '/', such as gpt2-gelu"
+        )
     out_dir = Path(options.out_dir) if options.out_dir else Path("nerve-results") / run_name
 
     # Every check that can stop the run comes before the first write and the first model.

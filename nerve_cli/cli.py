@@ -54,14 +54,15 @@ def main(ctx: click.Context, verbose: int, quiet: bool, debug: bool) -> None:
 
 def parse_steps(value: str | None) -> list[int] | None:
     """Parse ``--steps 0,100,200`` into integers."""
-    if not value:
+    if value is None:
         return None
     try:
-        return [int(item) for item in value.split(",") if item.strip()]
+        steps = [int(item) for item in value.split(",") if item.strip()]
     except ValueError:
-        raise click.BadParameter(
-            f"{value!r}: expected comma-separated integers such as 0,100,1000"
-        ) from None
+        steps = []
+    if not steps:
+        raise click.BadParameter(f"{value!r}: expected comma-separated integers such as 0,100,1000")
+    return steps
 
 
 def ffn_override_options(command):

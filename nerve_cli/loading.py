@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,7 +58,15 @@ def resolve_device(name: str) -> torch.device:
     """Turn ``auto``, ``cpu`` or ``cuda[:i]`` into a device; ``auto`` prefers CUDA."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise ValueError(f"--device {name!r}: invalid device; use auto, cpu, cuda or cuda:<index>")
     device = torch.device(name)
+    if device.type == "cuda" and device.index is not None and torch.cuda.is_available():
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                "use an index below that"
+            )
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
             f"--device {name}: CUDA is not available on this machine; use --device cpu"

@@ -81,7 +81,12 @@ def measure_model(
     token_ids = torch.from_numpy(probe.token_ids)  # [S, T]
     batches = torch.split(token_ids, batch_size)
     progress = tqdm(
-        batches, desc="probe batches", unit="batch", leave=False, disable=not show_progress
+        batches,
+        desc="probe batches",
+        unit="batch",
+        leave=False,
+        # None hides the per-batch bar when stderr is not a terminal, e.g. in a batch job's log.
+        disable=None if show_progress else True,
     )
     with torch.inference_mode(), capture_ffn_activations(model, layers, tokens):
         for batch in progress:

@@ -155,11 +155,25 @@ def write_checkpoint_tables(
 
 
 def finished_steps(out_dir: Path) -> set[int]:
-    """Return the steps whose metrics file exists in ``out_dir``."""
+    """Return the steps whose metrics file exists and has a readable Parquet footer.
+
+    A file that is not readable Parquet (e.g. overwritten or cut by a disk
+    problem) is reported and left out, so the next run recomputes that step.
+    """
     steps = set()
     for path in (out_dir / METRICS_DIR).glob("step-*.parquet"):
-        with contextlib.suppress(ValueError):
-            steps.add(int(path.stem.removeprefix("step-")))
+        try:
+            step = int(path.stem.removeprefix("step-"))
+        except ValueError:
+            continue
+        try:
+            pq.read_metadata(path)
+        except (OSError, pa.ArrowException) as error:
+            logger.warning(
+                "%s: unreadable Parquet file (%s); step %d will be recomputed", path, error, step
+            )
+            continue
+        steps.add(step)
     return steps
 
 
@@ -272,8 +286,16 @@ def read_dataset(directory: Path, schema: pa.Schema) -> pd.DataFrame:
     files = sorted(directory.glob("step-*.parquet"))
     if not files:
         return schema.empty_table().to_pandas()
-    table = pa.concat_tables(pq.read_table(path, schema=schema) for path in files)
-    frame = table.to_pandas()
+    tables = []
+    for path in files:
+        try:
+            tables.append(pq.read_table(path, schema=schema))
+        except (OSError, pa.ArrowException) as error:
+            raise ResultDirectoryError(
+                f"{path}: unreadable Parquet file ({error}); run 'nerve analyze' on the same "
+                "run and --out again to recompute that step"
+            ) from None
+    frame = pa.concat_tables(tables).to_pandas()
     order = [column for column in ("step", "layer", "point") if column in frame.columns]
     return frame.sort_values(order, kind="stable").reset_index(drop=True)
 

@@ -312,3 +312,45 @@ def test_force_on_some_steps_with_other_probe_is_rejected(runner, tiny_run, toke
     result = run_analyze(runner, tiny_run, out, other, "--force", "--steps", "10")
 
     assert result.exit_code == 2
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:abc", "mps", "meta"])
+def test_invalid_device_is_usage_error(runner, tiny_run, token_probe, tmp_path, device):
+    result = run_analyze(runner, tiny_run, tmp_path / "out", token_probe, "--device", device)
+
+    assert result.exit_code == 2
+    assert "invalid device" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("steps", [",", "", "abc"])
+def test_empty_or_invalid_steps_are_usage_errors(runner, tiny_run, token_probe, tmp_path, steps):
+    result = run_analyze(runner, tiny_run, tmp_path / "out", token_probe, "--steps", steps)
+
+    assert result.exit_code == 2
+    assert "comma-separated integers" in result.output
+
+
+def test_run_name_with_slash_is_rejected(runner, tiny_run, token_probe, tmp_path):
+    result = runner.invoke(
+        main,
+        ["-q", "analyze", str(tiny_run), "--probe", str(token_probe), "--run-name", "../escape"],
+    )
+
+    assert result.exit_code == 2
+    assert "invalid run name" in result.output
+
+
+def test_corrupt_metrics_file_is_recomputed(runner, tiny_run, token_probe, tmp_path):
+    out = tmp_path / "out"
+    run_analyze(runner, tiny_run, out, token_probe)
+    broken = out / "metrics" / store.checkpoint_file_name(10)
+    broken.write_bytes(b"\x00" * 64)
+
+    with pytest.raises(store.ResultDirectoryError, match="unreadable Parquet file"):
+        store.load_results(out)
+    result = run_analyze(runner, tiny_run, out, token_probe)
+
+    assert result.exit_code == 0, result.output
+    assert "1 analyzed, 1 skipped" in result.output
+    assert len(store.load_results(out).metrics) == 4

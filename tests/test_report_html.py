@@ -189,3 +189,40 @@ def test_cli_report_requires_html(two_runs):
 
     assert result.exit_code == 2
     assert "--html" in result.output
+
+
+def test_report_to_unwritable_path_is_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from nerve_cli.cli import main
+    from tests.synthetic_results import write_synthetic_run
+
+    results = write_synthetic_run(tmp_path / "run-a")
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+
+    result = CliRunner().invoke(main, ["report", str(results), "--html", str(blocker / "r.html")])
+
+    assert result.exit_code == 2
+    assert "cannot write the report" in result.output or "not found" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_report_does_not_replace_symlink(tmp_path):
+    from click.testing import CliRunner
+
+    from nerve_cli.cli import main
+    from tests.synthetic_results import write_synthetic_run
+
+    results = write_synthetic_run(tmp_path / "run-a")
+    target = tmp_path / "target.html"
+    target.write_text("keep")
+    link = tmp_path / "link.html"
+    link.symlink_to(target)
+
+    result = CliRunner().invoke(main, ["report", str(results), "--html", str(link)])
+
+    assert result.exit_code == 2
+    assert "not a regular file" in result.output
+    assert link.is_symlink()
+    assert target.read_text() == "keep"

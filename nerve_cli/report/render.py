@@ -129,6 +129,13 @@ def render_report(
         )
 
     page = build_report_html(results_list, allow_probe_mismatch=allow_probe_mismatch)
-    _write_text_atomic(page, path)
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise ReportError(f"{path}: exists and is not a regular file; choose another --html path")
+    try:
+        _write_text_atomic(page, path)
+    except OSError as error:
+        raise ReportError(
+            f"{path}: cannot write the report ({error.strerror}); choose another --html path"
+        ) from None
     logger.info("wrote report of %d run(s) to %s", len(results_list), path)
     return path
