@@ -90,6 +90,8 @@ def read_probe_source(path: str | Path | None) -> ProbeSource:
         return _read_default_probe()
 
     path = Path(path)
+    if path.is_dir():
+        raise ProbeError(f"{path}: is a directory; pass a .txt or .npy probe file")
     if not path.is_file():
         raise ProbeError(f"{path}: probe file not found")
     data = path.read_bytes()

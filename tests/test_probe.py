@@ -108,3 +108,8 @@ def test_default_probe_is_real_text_with_provenance():
     assert source.sha256 == hashlib.sha256((folder / "default.txt").read_bytes()).hexdigest()
     words = source.text.split()
     assert sum(word.lower() in {"the", "and", "of", "to"} for word in words) > len(words) / 50
+
+
+def test_directory_as_probe_is_named(tmp_path):
+    with pytest.raises(ProbeError, match="is a directory"):
+        read_probe_source(tmp_path)
