@@ -84,7 +84,7 @@ class AnalyzeOptions:
 
 @dataclass
 class AnalysisSummary:
-    """What one call of :func:`analyze_run` did."""
+    """Outcome of one call of :func:`analyze_run`: steps analyzed, skipped and failed."""
 
     out_dir: Path
     run_name: str
@@ -233,7 +233,7 @@ def prepare_probe(
 
 
 class ProbeMismatchError(ValueError):
-    """Raised when a result directory holds checkpoints measured with another probe."""
+    """Raised when a result directory contains checkpoints measured with another probe."""
 
 
 def probe_identity(probe: dict) -> tuple:
@@ -260,7 +260,7 @@ def check_probe_matches(
         return
 
     raise ProbeMismatchError(
-        f"{out_dir}: holds {len(finished)} checkpoint(s) measured with probe "
+        f"{out_dir}: contains {len(finished)} checkpoint(s) measured with probe "
         f"{previous.get('name')} (sha256 {str(previous.get('sha256'))[:12]}, "
         f"{previous.get('n_tokens')} tokens in rows of {previous.get('seq_len')}), but this run "
         f"uses {probe.name} (sha256 {probe.sha256[:12]}, {probe.n_tokens} tokens in rows of "

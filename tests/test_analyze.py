@@ -286,6 +286,7 @@ def test_rerun_with_other_probe_is_rejected(runner, tiny_run, token_probe, tmp_p
 
     assert result.exit_code == 2
     assert "measured with probe probe" in result.output
+    assert "contains 2 checkpoint(s)" in result.output
     assert "choose another --out, or add --force" in result.output
     assert (out / "run.json").read_text() == before
 

@@ -1,7 +1,7 @@
 """Spectral metrics against closed-form spectra.
 
 Tolerances: results are float64 sums over at most a few thousand terms, so
-closed forms must match to 1e-12 relative unless a test says otherwise.
+closed forms must match to 1e-12 relative unless a test states otherwise.
 """
 
 import math

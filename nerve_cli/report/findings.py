@@ -26,7 +26,8 @@ __all__ = [
     "summarize_run",
 ]
 
-# The paper reports |Pearson r| >= 0.9 between these metrics and the loss in most settings.
+# Jha & Reagen (NerVE, ICLR 2026, arXiv 2603.06922) report |Pearson r| >= 0.9 between
+# these metrics and the validation loss in most of their settings.
 STRONG_CORRELATION = 0.9
 
 
