@@ -1,4 +1,4 @@
-"""Where each model family's FFN blocks are measured.
+"""Measurement points of each model family's FFN blocks.
 
 For every FFN block nerve needs two modules:
 

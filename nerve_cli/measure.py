@@ -9,7 +9,6 @@ and the rows of the ``spectra`` table. Neither does any file I/O.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,10 +64,10 @@ def measure_model(
 ) -> Measurement:
     """Stream the probe through ``model`` in batches and accumulate FFN covariances.
 
-    The accumulators live on the model's device; ``product_dtype`` None takes
+    The accumulators live on the model's device. ``product_dtype`` None takes
     :func:`~nerve_cli.covariance.default_product_dtype` for that device. The
     probe loss is the mean next-token cross-entropy (nats) over every
-    predicted position of every sequence, from the same forward passes; it is
+    predicted position of every sequence, from the same forward passes. It is
     None for models that are not causal LMs.
     """
     device = next(model.parameters()).device
@@ -259,8 +258,3 @@ def spectrum_values(pre: np.ndarray, post: np.ndarray) -> dict[str, float]:
         "eee_delta": m_post.eee - m_pre.eee,
         "se_delta": m_post.se - m_pre.se,
     }
-
-
-def is_finite_loss(value: float | None) -> bool:
-    """Return whether a probe loss is a usable number."""
-    return value is not None and math.isfinite(value)

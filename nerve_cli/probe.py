@@ -11,8 +11,8 @@ from one of three sources:
 
 Text is tokenized with the checkpoint's tokenizer without special tokens, the
 first ``max_tokens`` ids are kept, and they are packed into full sequences of
-``seq_len`` tokens; a remainder shorter than ``seq_len`` is dropped so that
-every sequence has the same length and no padding is ever needed.
+``seq_len`` tokens. A remainder shorter than ``seq_len`` is dropped, so every
+sequence has the same length and no padding is ever needed.
 """
 
 from __future__ import annotations

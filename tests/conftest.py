@@ -10,6 +10,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from nerve_cli import analyze
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_RUNS = REPO_ROOT / "sample_checkpoints"
 
@@ -17,6 +19,25 @@ SAMPLE_RUNS = REPO_ROOT / "sample_checkpoints"
 @pytest.fixture
 def runner() -> CliRunner:
     return CliRunner()
+
+
+class LoadSpy:
+    """Records the checkpoints that analyze passed to load_checkpoint."""
+
+    def __init__(self) -> None:
+        self.paths: list[Path] = []
+        self.original = analyze.load_checkpoint
+
+    def __call__(self, checkpoint, *args, **kwargs):
+        self.paths.append(Path(getattr(checkpoint, "path", checkpoint)))
+        return self.original(checkpoint, *args, **kwargs)
+
+
+@pytest.fixture
+def load_spy(monkeypatch) -> LoadSpy:
+    spy = LoadSpy()
+    monkeypatch.setattr(analyze, "load_checkpoint", spy)
+    return spy
 
 
 def save_tiny_gpt2_run(

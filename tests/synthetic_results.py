@@ -88,10 +88,8 @@ def write_synthetic_run(
 
 
 def _metric_row(run, step, layer, ffn_dim, pre, post, loss, with_eval_loss):
-    from nerve_cli import metrics
+    from nerve_cli.measure import spectrum_values
 
-    m_pre = metrics.compute_spectrum_metrics(pre)
-    m_post = metrics.compute_spectrum_metrics(post)
     return {
         "run": run,
         "step": step,
@@ -99,16 +97,7 @@ def _metric_row(run, step, layer, ffn_dim, pre, post, loss, with_eval_loss):
         "layer": layer,
         "ffn_dim": ffn_dim,
         "n_tokens": 128,
-        "se_pre": m_pre.se,
-        "se_post": m_post.se,
-        "pr_pre": m_pre.pr,
-        "pr_post": m_post.pr,
-        "eee_pre": m_pre.eee,
-        "eee_post": m_post.eee,
-        "js": metrics.js_divergence(pre, post),
-        "pr_gain": m_post.pr / m_pre.pr,
-        "eee_delta": m_post.eee - m_pre.eee,
-        "se_delta": m_post.se - m_pre.se,
+        **spectrum_values(pre, post),
         "probe_loss": loss,
         "eval_loss": loss + 0.1 if with_eval_loss else None,
         "rank_limited": False,

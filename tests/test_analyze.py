@@ -304,7 +304,7 @@ def test_force_recomputes_with_other_probe(runner, tiny_run, token_probe, tmp_pa
     assert json.loads((out / "run.json").read_text())["probe"]["n_tokens"] == 4 * 32
 
 
-def test_force_on_some_steps_with_other_probe_is_rejected(runner, tiny_run, token_probe, tmp_path):
+def test_partial_force_with_other_probe_rejected(runner, tiny_run, token_probe, tmp_path):
     out = tmp_path / "out"
     run_analyze(runner, tiny_run, out, token_probe)
     other = tmp_path / "other.npy"

@@ -18,7 +18,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from nerve_cli import analyze
 from nerve_cli.cli import main
 from nerve_cli.errors import CheckpointError
 from nerve_cli.safe_load import UnsafeCheckpointError, load_torch_file
@@ -68,25 +67,6 @@ def validation_message(path: Path, format: str = "hf") -> str:
     message = str(caught.value)
     assert "\n" not in message
     return message
-
-
-class LoadSpy:
-    """Records the checkpoints that analyze passed to load_checkpoint."""
-
-    def __init__(self) -> None:
-        self.paths: list[Path] = []
-        self.original = analyze.load_checkpoint
-
-    def __call__(self, checkpoint, *args, **kwargs):
-        self.paths.append(Path(getattr(checkpoint, "path", checkpoint)))
-        return self.original(checkpoint, *args, **kwargs)
-
-
-@pytest.fixture
-def load_spy(monkeypatch) -> LoadSpy:
-    spy = LoadSpy()
-    monkeypatch.setattr(analyze, "load_checkpoint", spy)
-    return spy
 
 
 def run_analyze(run_dir: Path, out_dir: Path, probe: Path):

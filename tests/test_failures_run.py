@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from nerve_cli import analyze, store
+from nerve_cli import store
 from nerve_cli.cli import main
 from tests.checkpoint_builders import (
     REPO_ROOT,
@@ -42,25 +42,6 @@ def template(tmp_path_factory) -> Path:
 @pytest.fixture
 def probe(tmp_path) -> Path:
     return save_probe(tmp_path / "probe.npy")
-
-
-class LoadSpy:
-    """Records the checkpoints that analyze passed to load_checkpoint."""
-
-    def __init__(self) -> None:
-        self.paths: list[Path] = []
-        self.original = analyze.load_checkpoint
-
-    def __call__(self, checkpoint, *args, **kwargs):
-        self.paths.append(Path(getattr(checkpoint, "path", checkpoint)))
-        return self.original(checkpoint, *args, **kwargs)
-
-
-@pytest.fixture
-def load_spy(monkeypatch) -> LoadSpy:
-    spy = LoadSpy()
-    monkeypatch.setattr(analyze, "load_checkpoint", spy)
-    return spy
 
 
 def run_analyze(run_dir, out_dir, probe, *extra):

@@ -68,7 +68,7 @@ def test_npy_probe_is_used_exactly(tmp_path):
         (np.zeros((1, 2, 3), dtype=np.int64), "3 dimensions"),
     ],
 )
-def test_npy_probe_with_wrong_dtype_or_shape_is_rejected(tmp_path, array, message):
+def test_npy_probe_bad_dtype_or_shape(tmp_path, array, message):
     np.save(tmp_path / "bad.npy", array)
 
     with pytest.raises(ProbeError, match=message):

@@ -87,7 +87,7 @@ def opened_page(report_file):
         page.on("request", lambda request: events["requests"].append(request.url))
         page.on("console", lambda message: events["console"].append((message.type, message.text)))
         page.on("pageerror", lambda error: events["errors"].append(str(error)))
-        # Any request other than the file is answered locally with an abort, after being recorded.
+        # Any request other than the file is recorded, then aborted locally.
         page.route(
             "**/*", lambda route: route.continue_() if route.request.url == url else route.abort()
         )

@@ -16,7 +16,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class MetricInfo:
-    """How the report names one metrics column and what a reader should know about it."""
+    """Display name of one metrics column and what a reader should know about it."""
 
     label: str
     meaning: str
